@@ -1,0 +1,42 @@
+# The two commands that matter: `make quickstart` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast quickstart lint format bench summary clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+quickstart: setup
+	$(BIN)/python -m efficientnet.summary
+
+summary: setup
+	$(BIN)/python -m efficientnet.summary
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python scripts/benchmark_model.py --model efficientnet-b0 --batch 16 --resolution 224 --torch
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""EfficientNet (Tan & Le, 2019) in Flax linen.
+
+    import efficientnet
+    model = efficientnet.create_model('efficientnet-b0')
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    logits = model.apply(variables, images)          # images already normalised, NHWC
+
+This package imports only jax, flax and numpy; weight import from Keras, PyTorch and
+TensorFlow checkpoints (``efficientnet.weights``) loads those libraries lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from efficientnet.arch import (
+    BlockSpec,
+    Variant,
+    build_blocks,
+    get_variant,
+    list_models,
+    round_filters,
+    round_repeats,
+)
+from efficientnet.layers import DEPTHWISE_IMPLS, PADDINGS
+from efficientnet.model import EfficientNet
+
+__version__ = '0.1.0'
+
+_OVERRIDES = ('dropout_rate', 'drop_path_rate', 'padding', 'depthwise_impl', 'bn_group_size',
+              'activation', 'features_only')
+
+
+def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
+                 **overrides: Any) -> EfficientNet:
+    """Builds the named variant ('efficientnet-b0' ... 'efficientnet-l2', 'efficientnet-lite0'
+    ... 'efficientnet-lite4', or short forms 'b0', 'lite0').
+
+    ``num_classes=0`` returns pooled features instead of logits. ``dtype`` is the computation
+    dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
+    drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
+    depthwise_impl ('auto', 'xla', 'unrolled'), bn_group_size, activation, features_only.
+    """
+    variant = get_variant(name)
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise TypeError(f'unknown option(s) {unknown}; valid: {list(_OVERRIDES)}')
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}')
+    if overrides.get('padding', 'same') not in PADDINGS:
+        raise ValueError(f'padding must be one of {PADDINGS}, got {overrides["padding"]!r}')
+    if overrides.get('depthwise_impl', 'auto') not in DEPTHWISE_IMPLS:
+        raise ValueError(
+            f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {overrides["depthwise_impl"]!r}')
+    for key in ('dropout_rate', 'drop_path_rate'):
+        v = overrides.get(key)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f'{key} must be in [0, 1), got {v!r}')
+    g = overrides.get('bn_group_size')
+    if g is not None and (not isinstance(g, int) or g < 1):
+        raise ValueError(f'bn_group_size must be a positive int or None, got {g!r}')
+    return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """The facts a pipeline needs about a variant: scaling coefficients, resolution, dropout,
+    eval crop fraction, and the input normalisation (mean and std on [0, 255] input)."""
+    v = get_variant(name)
+    info = dataclasses.asdict(v)
+    info.update(
+        crop_fraction=v.crop_fraction,
+        mean=v.mean,
+        std=v.std,
+        activation=v.activation,
+        squeeze_excite=v.use_se,
+        num_blocks=len(build_blocks(v)),
+    )
+    return info
+
+
+__all__ = [
+    'BlockSpec',
+    'EfficientNet',
+    'Variant',
+    'build_blocks',
+    'create_model',
+    'get_variant',
+    'list_models',
+    'model_info',
+    'round_filters',
+    'round_repeats',
+]

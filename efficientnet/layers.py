@@ -1,0 +1,194 @@
+"""Layers of the network: convolutions with the official initialisers and padding, a depthwise
+convolution with two numerically equal implementations, and a BatchNorm with optional
+statistics groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+PADDINGS = ('same', 'symmetric')
+DEPTHWISE_IMPLS = ('auto', 'xla', 'unrolled')
+
+
+def conv_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    """Normal(0, sqrt(2 / fan_out)), untruncated, fan_out = kh * kw * out (RECIPE 3).
+
+    For a depthwise kernel (kh, kw, 1, C) each group has one output channel, so fan_out = kh * kw;
+    ``depthwise_kernel_init`` handles that case.
+    """
+    kh, kw, _, out = shape
+    return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / (kh * kw * out))
+
+
+def depthwise_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    kh, kw = shape[0], shape[1]
+    return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / (kh * kw))
+
+
+def dense_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    """Uniform(+-1 / sqrt(num_classes)) as the official head (RECIPE 3)."""
+    bound = 1.0 / np.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def pad_amounts(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """(low, high) padding of one spatial axis.
+
+    'same' is TensorFlow's SAME: output ceil(size / stride), the odd extra pixel on the high
+    (bottom/right) side. 'symmetric' pads kernel // 2 on both sides, as PyTorch-trained
+    models (torchvision, timm's non-tf_ models) do.
+    """
+    if padding == 'same':
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
+    if padding == 'symmetric':
+        return kernel // 2, kernel // 2
+    raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
+
+
+def _pads(x: Array, kernel: int, stride: int, padding: str) -> list[tuple[int, int]]:
+    return [pad_amounts(x.shape[1], kernel, stride, padding),
+            pad_amounts(x.shape[2], kernel, stride, padding)]
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    if name == 'swish':
+        return nn.swish
+    if name == 'relu6':
+        return nn.relu6
+    if name == 'relu':
+        return nn.relu
+    raise ValueError(f'unknown activation {name!r}; expected swish, relu6 or relu')
+
+
+class Conv2D(nn.Module):
+    """A dense (non-grouped) convolution with explicit TF-SAME or symmetric padding."""
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    use_bias: bool = False
+    padding: str = 'same'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.param('kernel', conv_kernel_init,
+                       (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        pads = [(0, 0), (0, 0)] if self.kernel == 1 else _pads(x, self.kernel, self.stride,
+                                                               self.padding)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride), pads,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        if self.use_bias:
+            b = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + b.astype(self.dtype)
+        return y
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """'auto' picks the unrolled form on CPU (XLA's grouped conv is ~10x slower there) and
+    XLA's grouped convolution on GPU and TPU."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+    if impl == 'auto':
+        return 'unrolled' if jax.default_backend() == 'cpu' else 'xla'
+    return impl
+
+
+def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str) -> Array:
+    """Depthwise convolution of NHWC ``x`` with a (k, k, 1, C) kernel.
+
+    'xla' is a grouped ``conv_general_dilated``; 'unrolled' pads once and sums k*k strided
+    shifted slices times the per-channel tap. Both compute the same sum; the unrolled form is
+    plain elementwise work that XLA's CPU backend vectorises well.
+    """
+    k = kernel.shape[0]
+    pads = _pads(x, k, stride, padding)
+    if resolve_depthwise_impl(impl) == 'xla':
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=x.shape[-1])
+    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    out_h = (xp.shape[1] - k) // stride + 1
+    out_w = (xp.shape[2] - k) // stride + 1
+    taps = kernel[:, :, 0, :]
+    out = None
+    for i in range(k):
+        for j in range(k):
+            patch = jax.lax.slice(
+                xp, (0, i, j, 0),
+                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                 xp.shape[3]),
+                (1, stride, stride, 1))
+            term = patch * taps[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv2D(nn.Module):
+    kernel: int
+    stride: int = 1
+    padding: str = 'same'
+    impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.param('kernel', depthwise_kernel_init, (self.kernel, self.kernel, 1, x.shape[-1]),
+                       jnp.float32)
+        return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride,
+                              self.padding, self.impl)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (RECIPE 3).
+
+    Statistics are reduced in float32. With ``group_size`` set, the batch is split into
+    consecutive groups of that many examples and each group is normalised by its own
+    statistics, like the TPU cross-replica groups of the official recipe; the moving averages
+    take the mean over groups. Under jit with a sharded batch the reductions cover the global
+    batch (or each group), so results do not depend on how many devices hold it.
+    Variables are named like flax's ``nn.BatchNorm`` (scale, bias, mean, var).
+    """
+
+    use_running_average: bool = True
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    group_size: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+            y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+            return y.astype(self.dtype)
+        n = x.shape[0]
+        g = self.group_size or n
+        if n % g:
+            raise ValueError(f'batch of {n} does not split into BatchNorm groups of {g}')
+        xf = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
+        axes = tuple(range(1, xf.ndim - 1))
+        mean = jnp.mean(xf, axes, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0).reshape(c)
+            ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=0).reshape(c)
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.reshape(x.shape).astype(self.dtype)
