@@ -5,9 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast quickstart lint format bench summary clean
+.PHONY: data setup test test-fast quickstart lint format bench summary clean
 
 setup: $(STAMP)
+
+# Fashion-MNIST idx files from Debian (the machines have no internet, only package mirrors).
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FASHION_MNIST_DIR) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	  else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi; }
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
