@@ -1,0 +1,101 @@
+"""The full config schema, with the official ImageNet recipe (RECIPE 4) as defaults.
+
+Fields hold what a person chooses; derived values (learning rate, steps per epoch, warmup and
+total steps) are resolved in training/config_resolve.py, so command-line overrides such as
+``--config.batch_size=1024`` stay consistent.
+"""
+
+import ml_collections
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+    """``config.data``, the input-pipeline contract (docs/interfaces.md)."""
+    d = ml_collections.ConfigDict()
+    d.name = 'imagenet2012'  # imagenet2012, any tfds name, folder, fashion_mnist, fake
+    d.data_dir = ml_collections.FieldReference(None, field_type=str)
+    d.manual_dir = ml_collections.FieldReference(None, field_type=str)
+    d.folder = ml_collections.FieldReference(None, field_type=str)
+    d.holdout_fraction = 0.1
+    d.image_key = 'image'
+    d.label_key = 'label'
+    d.train_split = 'train'
+    d.eval_split = 'validation'
+    d.num_classes = 1000
+    d.resolution = 224
+    d.crop_fraction = ml_collections.FieldReference(None, field_type=float)  # None: S / (S + 32)
+    d.interpolation = 'bicubic'
+    d.random_crop = True
+    d.random_flip = True
+    d.augment = 'none'  # none, randaugment, autoaugment
+    d.randaugment_layers = 2
+    d.randaugment_magnitude = 9
+    d.mixup_alpha = 0.0
+    d.cutmix_alpha = 0.0
+    d.normalization = 'imagenet'  # imagenet, advprop, lite (applied on device)
+    d.shuffle_buffer = 16384
+    d.cache = False
+    d.fake_num_train = 1024
+    d.fake_num_eval = 256
+    return d
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'efficientnet-b0'
+    # Optional overrides of the variant's compound-scaling record (None: the variant's own);
+    # tests and small runs use width = depth = 0.25.
+    config.model.width = ml_collections.FieldReference(None, field_type=float)
+    config.model.depth = ml_collections.FieldReference(None, field_type=float)
+    config.model.dropout_rate = ml_collections.FieldReference(None, field_type=float)
+    config.model.drop_path_rate = 0.2
+    config.model.compute_dtype = 'bfloat16'  # float32 | bfloat16; params stay float32
+    # Examples per BatchNorm statistics group (TPU cross-replica groups in the official recipe,
+    # about 1024 of 4096). None: the whole global batch.
+    config.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)
+
+    config.data = get_data_config()
+
+    config.seed = 0
+    config.batch_size = 4096  # global, over all processes and devices
+    config.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: batch
+    config.num_epochs = 350.0
+    config.total_steps = ml_collections.FieldReference(None, field_type=int)  # overrides epochs
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = 'rmsprop'  # rmsprop (TF1 semantics), momentum, adamw
+    config.optim.base_learning_rate = 0.016  # per 256 examples: lr = base * batch / 256
+    config.optim.schedule = 'exponential'  # exponential (staircase), cosine, constant
+    config.optim.warmup_epochs = 5.0
+    config.optim.decay_epochs = 2.4
+    config.optim.decay_factor = 0.97
+    config.optim.min_learning_rate = 0.0
+    config.optim.momentum = 0.9
+    config.optim.rmsprop_decay = 0.9
+    config.optim.rmsprop_epsilon = 1e-3
+    config.optim.weight_decay = 1e-5
+    config.optim.weight_decay_mode = 'l2'  # l2 (in the loss, official) or decoupled
+    config.optim.grad_clip_norm = 0.0  # 0: off
+    config.optim.grad_accum_steps = 1  # >1: each step sees batch_size / k examples
+
+    config.label_smoothing = 0.1
+    config.ema_decay = 0.9999  # 0: no EMA (the EMA copy follows the weights)
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.fsdp = 1  # devices per parameter shard; 1: replicate parameters
+    config.mesh.fsdp_min_size = 2 ** 14  # smaller arrays stay replicated
+
+    config.log_every_steps = 100
+    config.eval_every_epochs = 5.0  # and always at the end
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 2000
+    config.checkpoint.keep = 3
+    config.checkpoint.keep_best = True  # one more checkpoint: the best EMA top-1
+    config.checkpoint.async_save = True
+    config.init_from = ml_collections.FieldReference(None, field_type=str)
+    config.prefetch_batches = 2
+    config.profile = ml_collections.ConfigDict()
+    config.profile.start_step = -1  # >= 0: capture a trace window starting there
+    config.profile.num_steps = 5
+    return config

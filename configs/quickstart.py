@@ -1,0 +1,41 @@
+"""Fashion-MNIST on a laptop CPU: a narrow EfficientNet-B0 at 32 px, a few epochs.
+
+    python train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+
+The images are 28x28 grayscale; the pipeline resizes them and repeats the channel. No crops or
+flips heavier than a horizontal flip, a short warmup and a cosine schedule, since the run is
+a few epochs instead of 350.
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.model.name = 'efficientnet-b0'
+    config.model.width = 0.5
+    config.model.depth = 0.5
+    config.model.compute_dtype = 'float32'  # bfloat16 is slow on CPU
+    config.model.dropout_rate = 0.1
+    config.model.drop_path_rate = 0.1
+    config.data.name = 'fashion_mnist'
+    config.data.train_split = 'train'
+    config.data.eval_split = 'test'
+    config.data.num_classes = 10
+    config.data.resolution = 32
+    config.data.random_crop = False
+    config.data.random_flip = True
+    config.data.interpolation = 'bilinear'
+    config.data.shuffle_buffer = 60000
+    config.data.cache = True
+    config.batch_size = 128
+    config.num_epochs = 6.0
+    config.optim.base_learning_rate = 0.016
+    config.optim.schedule = 'cosine'
+    config.optim.warmup_epochs = 0.5
+    config.label_smoothing = 0.1
+    config.ema_decay = 0.999
+    config.log_every_steps = 100
+    config.eval_every_epochs = 2.0
+    config.checkpoint.every_steps = 1000
+    return config

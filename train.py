@@ -1,0 +1,293 @@
+"""Trains and evaluates EfficientNet: flags -> config -> mesh -> state -> loop -> eval ->
+checkpoints.
+
+    python train.py --config=configs/b0.py --workdir=/tmp/b0 [--config.batch_size=1024 ...]
+
+Multi-process: on TPU pods jax.distributed initialises itself; on GPU clusters (and local tests)
+pass --coordinator_address=host:port --num_processes=N --process_id=i on every process.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from clu import metric_writers
+from ml_collections import config_flags
+
+from training import checkpoint as ckpt_lib
+from training import config_resolve, data, optim, sharding
+from training import state as state_lib
+from training.metrics import EvalAccumulator
+from training.train_step import make_eval_step, make_train_step
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries, the config.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process).')
+
+
+class _Preemption:
+    """SIGTERM -> save at the next step boundary, then return. Multi-process runs use jax's
+    preemption sync point instead, so that every process stops at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils
+                return multihost_utils.reached_preemption_sync_point(step)
+            except Exception:  # noqa: BLE001 - no preemption service in this cluster
+                return False
+        return self.requested
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
+
+
+def _init_state(config: Any, model: Any, tx: Any, mesh: Any, ckpt: ckpt_lib.Checkpointer
+                ) -> tuple[Any, Any, bytes | None]:
+    """Resumes from the workdir if it holds a checkpoint, else initialises (optionally from
+    ``config.init_from``). Returns (state, shardings, data_state)."""
+    init = state_lib.make_init_fn(model, tx, config.data.resolution)
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(abstract, shardings)
+        logging.info('resumed from step %d', int(state.step))
+        return state, shardings, data_state
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    if config.init_from:
+        pre = ckpt_lib.load_pretrained(config.init_from)
+        params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
+        stats, fresh_bs = ckpt_lib.merge_pretrained(state.batch_stats, pre['batch_stats'])
+        copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+        state = state.replace(params=params, batch_stats=stats, ema_params=copy(params),
+                              ema_batch_stats=copy(stats), opt_state=jax.jit(
+                                  tx.init, out_shardings=shardings.opt_state)(params))
+        logging.info('initialised from %s; re-initialised: %s', config.init_from,
+                     fresh + fresh_bs or 'nothing')
+    return state, shardings, None
+
+
+def evaluate(eval_step: Any, state: Any, config: Any, plan: Any, mesh: Any) -> dict[str, float]:
+    """One exact pass over the eval split for the raw and the EMA weights."""
+    outs = []
+    for batch in data.create_eval_iterator(config.data, global_batch_size=plan.eval_batch):
+        outs.append(eval_step(state, sharding.global_batch(batch, mesh)))
+    result = {}
+    for name in ('raw', 'ema'):
+        acc = EvalAccumulator()
+        for o in outs:
+            acc.add(o[name])
+        r = acc.result()
+        if r['count'] != plan.num_eval:
+            raise RuntimeError(f'evaluation counted {r["count"]} examples but the split has '
+                               f'{plan.num_eval}: the eval masks are wrong')
+        result.update({f'eval/{name}_{k}': v for k, v in r.items() if k != 'count'})
+    result['eval/count'] = plan.num_eval
+    return result
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) training in ``workdir``; returns the final eval metrics."""
+    plan = config_resolve.resolve(config, device_count=jax.device_count(),
+                                  process_count=jax.process_count())
+    for k, v in plan.to_dict().items():
+        logging.info('derived %s = %s', k, v)
+    if jax.process_index() == 0:
+        config_resolve.write_resolved(config, plan, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+    mesh = sharding.create_mesh(config.mesh.fsdp)
+    model = config_resolve.build_model(config, plan.num_classes)
+    o = config.optim
+    schedule = optim.create_learning_rate_schedule(
+        plan.learning_rate, kind=o.schedule, warmup_steps=plan.warmup_steps,
+        total_steps=plan.total_steps, decay_steps=plan.decay_steps, decay_factor=o.decay_factor,
+        min_lr=o.min_learning_rate)
+    variables = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, config.data.resolution, config.data.resolution, 3))))
+    decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
+    tx = optim.create_optimizer(o, schedule, decay_mask)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 keep_best=config.checkpoint.keep_best,
+                                 async_save=config.checkpoint.async_save)
+    state, shardings, data_state = _init_state(config, model, tx, mesh, ckpt)
+    step = int(jax.device_get(state.step))
+
+    dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
+    train_step = make_train_step(
+        model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=config.seed,
+        label_smoothing=config.label_smoothing,
+        weight_decay=o.weight_decay if o.weight_decay_mode == 'l2' else 0.0,
+        weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
+        grad_accum_steps=plan.grad_accum_steps, normalization=config.data.normalization,
+        compute_dtype=dtype)
+    eval_step = make_eval_step(model, mesh=mesh, state_shardings=shardings,
+                               normalization=config.data.normalization, compute_dtype=dtype)
+
+    total = plan.total_micro_steps
+    ckpt_every = plan.checkpoint_every_micro_steps
+    is_ckpt_step = lambda s: (s % ckpt_every == 0 or s == total
+                              or s % plan.eval_every_micro_steps == 0)
+    iterator = data.create_train_iterator(config.data, global_batch_size=plan.micro_batch,
+                                          seed=config.seed, start_step=step)
+    if data_state is not None:
+        iterator.set_state(data_state)
+    batches = data.DevicePrefetcher(iterator, mesh, start_step=step,
+                                    depth=config.prefetch_batches, capture=is_ckpt_step)
+
+    pending: list[tuple[int, dict]] = []  # per-step device metrics since the last flush
+    last_eval: dict[str, float] = {}
+    t_start = time.time()
+    t_log, steps_at_log, first_step_time = t_start, step, None
+    tracing = False
+
+    def flush() -> dict[str, float]:
+        """Fetches pending metrics; raises on the first non-finite loss, naming its step."""
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            if not np.isfinite(m['total_loss']):
+                raise FloatingPointError(
+                    f'non-finite loss {float(m["total_loss"])} at step {s} (1-based); the last '
+                    f'good checkpoint in {ckpt.workdir} is kept (step {ckpt.latest_step()})')
+        pending.clear()
+        return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]} if fetched else {}
+
+    def save(step: int) -> None:
+        flush()  # never checkpoint a state that followed a non-finite loss
+        ckpt.save(step, state, batches.state_before(step))
+
+    with _Preemption() as preemption:
+        logging.info('training from step %d to %d (%d images per step, %d devices, %d '
+                     'processes)', step, total, plan.micro_batch, plan.device_count,
+                     plan.process_count)
+        while step < total:
+            if preemption.reached(step):
+                logging.warning('preemption requested: saving at step %d and exiting', step)
+                save(step)
+                ckpt.wait()
+                ckpt.close()
+                writer.flush()
+                return {'preempted_at_step': step, **last_eval}
+            if config.profile.start_step >= 0:
+                if step == config.profile.start_step and not tracing:
+                    jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+                    tracing = True
+                elif tracing and step >= config.profile.start_step + config.profile.num_steps:
+                    jax.profiler.stop_trace()
+                    tracing = False
+            state, metrics = train_step(state, batches.next())
+            step += 1
+            pending.append((step, metrics))
+            if first_step_time is None:
+                jax.block_until_ready(metrics)
+                first_step_time = time.time() - t_start
+                logging.info('first step done %.1fs after the start (compilation included)',
+                             first_step_time)
+                t_log, steps_at_log = time.time(), step
+            if step % config.log_every_steps == 0 or step == total:
+                scalars = flush()
+                now = time.time()
+                dt = (now - t_log) / max(step - steps_at_log, 1)
+                t_log, steps_at_log = now, step
+                scalars.update({'train/images_per_sec': plan.micro_batch / dt,
+                                'train/step_time_ms': 1000 * dt,
+                                'train/epoch': step / plan.grad_accum_steps / plan.steps_per_epoch})
+                scalars = {k if '/' in k else f'train/{k}': v for k, v in scalars.items()}
+                writer.write_scalars(step, scalars)
+                logging.info(
+                    'step %d/%d (%.1f%%) epoch %.2f | loss %.4f top1 %.3f lr %.5f grad_norm %.3f'
+                    ' | %.1f img/s %.0f ms/step | ETA %s', step, total, 100 * step / total,
+                    scalars['train/epoch'], scalars['train/loss'], scalars['train/top1'],
+                    scalars['train/learning_rate'], scalars['train/grad_norm'],
+                    scalars['train/images_per_sec'], scalars['train/step_time_ms'],
+                    _format_eta(dt * (total - step)))
+            if is_ckpt_step(step):
+                save(step)
+            if step % plan.eval_every_micro_steps == 0 or step == total:
+                last_eval = evaluate(eval_step, state, config, plan, mesh)
+                writer.write_scalars(step, last_eval)
+                logging.info('eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
+                             'loss %.4f (EMA %.4f) on %d examples', step,
+                             last_eval['eval/raw_top1'], last_eval['eval/ema_top1'],
+                             last_eval['eval/raw_top5'], last_eval['eval/ema_top5'],
+                             last_eval['eval/raw_loss'], last_eval['eval/ema_loss'],
+                             plan.num_eval)
+                ckpt.save_best(step, state, last_eval['eval/ema_top1'])
+    if tracing:
+        jax.profiler.stop_trace()
+    if not last_eval:  # resumed a finished run: evaluate what was restored
+        last_eval = evaluate(eval_step, state, config, plan, mesh)
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+    return {**last_eval, 'step': step}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError('--config and --workdir are required')
+    if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
+        jax.distributed.initialize()  # TPU pod: everything comes from the environment
+    if FLAGS.config.data.name != 'fake':
+        import tensorflow as tf  # the pipeline must not take GPU/TPU memory
+        tf.config.set_visible_devices([], 'GPU')
+        tf.config.set_visible_devices([], 'TPU')
+    py_logging.getLogger('absl').setLevel(py_logging.INFO)
+    logging.set_verbosity(logging.INFO)
+    logging.info('JAX %s, %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if 'preempted_at_step' in result:
+        print(f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '
+              'to resume.', flush=True)
+        return
+    print(f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
+          f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step {result["step"]}',
+          flush=True)
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config', 'workdir'])
+    app.run(main)

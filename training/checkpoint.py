@@ -1,0 +1,180 @@
+"""Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the host-local
+data-pipeline state beside each, automatic resume onto any mesh, and weight import.
+
+Layout under the workdir::
+
+    checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding)
+    best/<step>/state               the best one by eval top-1 (kept apart, never rotated out)
+    data_state/<step>/process_<i>   each process's input-iterator state (host-local bytes)
+
+Orbax writes into a temporary directory and renames it when complete, and only deletes old
+steps after a newer one is finalised, so a crash or a failed save never removes the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from training.state import TrainState
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class Checkpointer:
+    """The run's checkpoints. Every process must call save/restore (orbax coordinates them)."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
+                 async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        opts = dict(enable_async_checkpointing=async_save, create=True)
+        self.latest = ocp.CheckpointManager(
+            os.path.join(self.workdir, 'checkpoints'),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+        self.best = None
+        if keep_best:
+            self.best = ocp.CheckpointManager(
+                os.path.join(self.workdir, 'best'),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1, best_fn=lambda m: m['top1'], best_mode='max',
+                    keep_checkpoints_without_metrics=False, **opts))
+        self.data_dir = os.path.join(self.workdir, 'data_state')
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int, state: TrainState, data_state: bytes | None = None) -> None:
+        """Starts an async save of ``state`` at ``step`` (a no-op if that step exists)."""
+        if step in self.latest.all_steps():
+            return
+        if data_state is not None:
+            self._write_data_state(step, data_state)
+        self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                         force=True)
+        self._prune_data_states()
+
+    def save_best(self, step: int, state: TrainState, top1: float) -> None:
+        """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
+        if self.best is None or step in self.best.all_steps():
+            return
+        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                       metrics={'top1': float(top1)}, force=True)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        if self.best is not None:
+            self.best.close()
+
+    def _data_path(self, step: int) -> str:
+        return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
+
+    def _write_data_state(self, step: int, data: bytes) -> None:
+        path = self._data_path(step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:
+            f.write(data)
+        os.replace(path + '.tmp', path)
+
+    def _prune_data_states(self) -> None:
+        if not os.path.isdir(self.data_dir):
+            return
+        keep = set(self.latest.all_steps()) | {max(self.latest.all_steps(), default=-1)}
+        for name in os.listdir(self.data_dir):
+            if name.isdigit() and int(name) not in keep and int(name) < max(keep, default=0):
+                p = os.path.join(self.data_dir, name, f'process_{jax.process_index()}')
+                if os.path.exists(p):
+                    os.remove(p)
+
+    # -- restoring ------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore(self, abstract_state: TrainState, shardings: Any, step: int | None = None
+                ) -> tuple[TrainState, bytes | None] | None:
+        """Restores the latest (or given) step into ``shardings``, which may describe a
+        different mesh than the one that saved it. Returns (state, data_state) or None."""
+        step = self.latest.latest_step() if step is None else step
+        if step is None:
+            return None
+        target = _abstract(abstract_state, shardings)
+        restored = self.latest.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        data_state = None
+        path = self._data_path(step)
+        if os.path.exists(path):
+            with open(path, 'rb') as f:
+                data_state = f.read()
+        logging.info('restored checkpoint at step %d from %s', step, self.workdir)
+        return restored['state'], data_state
+
+
+def load_pretrained(path: str) -> dict[str, Any]:
+    """Variables ``{'params', 'batch_stats'}`` from one of our checkpoint directories (a step
+    directory or a workdir; EMA weights when present) or a converted-weights msgpack file."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        from efficientnet import weights  # converted published weights
+
+        _, variables = weights.load_variables(path)
+        return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    step_dir = path
+    for sub in ('checkpoints', ''):
+        root = os.path.join(path, sub) if sub else path
+        steps = [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+        if steps:
+            step_dir = os.path.join(root, str(max(steps)))
+            break
+    state_dir = os.path.join(step_dir, 'state')
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f'init_from={path!r}: neither a weights file nor a checkpoint '
+                                f'(no {state_dir})')
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = getattr(meta, 'item_metadata', meta)
+        tree = getattr(tree, 'tree', tree)
+        wanted = {k: tree[k] for k in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats')}
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                              wanted)
+        restored = _restore_subset(state_dir, target)
+    return {'params': restored['ema_params'], 'batch_stats': restored['ema_batch_stats']}
+
+
+def _restore_subset(state_dir: str, target: Any) -> Any:
+    """Restores only the leaves in ``target`` (a dict of subtrees) from a saved state."""
+    handler = ocp.PyTreeCheckpointer()
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+
+
+def merge_pretrained(init_tree: Any, pretrained: Any) -> tuple[Any, list[str]]:
+    """Takes every pretrained leaf whose path and shape match ``init_tree`` (global jax.Arrays)
+    and places it with the same sharding; keeps the fresh initialisation elsewhere (the head when
+    the class count differs). Returns the merged tree and the re-initialised paths."""
+    flat_pre = {jax.tree_util.keystr(p): v
+                for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    fresh: list[str] = []
+
+    def pick(path, x):
+        k = jax.tree_util.keystr(path)
+        v = flat_pre.get(k)
+        if v is None or tuple(np.shape(v)) != tuple(x.shape):
+            fresh.append(k)
+            return x
+        v = np.asarray(v, dtype=x.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda idx: v[idx])
+
+    return jax.tree_util.tree_map_with_path(pick, init_tree), fresh

@@ -1,0 +1,68 @@
+"""The train state: one pytree, created already sharded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from training import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue; no functions inside, so it checkpoints as is.
+
+    ``step`` counts train-step calls (micro-steps when gradients are accumulated).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+
+
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, image_size: int
+                 ) -> Callable[[jax.Array], TrainState]:
+    def init(rng: jax.Array) -> TrainState:
+        variables = model.init({'params': rng}, jnp.zeros((1, image_size, image_size, 3)),
+                               train=False)
+        params = variables['params']
+        batch_stats = variables.get('batch_stats', {})
+        # The EMA starts at the initial values (as TF's ExponentialMovingAverage shadows do);
+        # copies so that params and EMA never share a buffer (the step donates the state).
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params),
+            ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        )
+
+    return init
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+                         ) -> TrainState:
+    """Shapes and dtypes of the state, computed without allocating anything."""
+    return jax.eval_shape(make_init_fn(model, tx, image_size), jax.random.key(0))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+                       rng: jax.Array, mesh: Mesh, fsdp_min_size: int = 2 ** 14,
+                       ) -> tuple[TrainState, Any]:
+    """Initialises the state directly into its shardings (no host round trip, no full copy on
+    one device). Returns (state, shardings)."""
+    init = make_init_fn(model, tx, image_size)
+    shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp_min_size)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
