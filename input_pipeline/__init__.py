@@ -1,0 +1,73 @@
+"""Input pipeline: tf.data + tfds → host-local numpy batches (see docs/interfaces.md).
+
+Never imports jax or the model. Importing this package has no side effects; TensorFlow is kept
+off the GPUs when a pipeline is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from input_pipeline import sources
+from input_pipeline.pipeline import TrainIterator, build_eval_dataset, build_train_dataset
+
+__all__ = [
+    'TrainIterator',
+    'build_eval_dataset',
+    'build_train_dataset',
+    'create_eval_iterator',
+    'create_train_iterator',
+    'dataset_info',
+]
+
+
+def create_train_iterator(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+) -> TrainIterator:
+    """Infinite iterator of {'image': uint8 [B, S, S, 3], 'label'} with B = global / processes.
+
+    'label' is int32 [B], or float32 [B, num_classes] mixed targets when MixUp/CutMix is on.
+    """
+    return TrainIterator(
+        data_config,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+    )
+
+
+def create_eval_iterator(
+    data_config: Any, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict]:
+    """A fresh pass over the eval split: {'image', 'label', 'mask'} batches, padded and masked.
+
+    Every process yields the same number of batches; masks over all processes sum to the split
+    size, and every example appears exactly once.
+    """
+    ds = build_eval_dataset(
+        data_config,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return ds.as_numpy_iterator()
+
+
+def dataset_info(data_config: Any) -> dict:
+    """{'num_classes', 'num_train', 'num_eval'} of the configured dataset and splits."""
+    source = sources.get_source(data_config)
+    num_classes = source.num_classes or sources.cfg_get(data_config, 'num_classes', 1000)
+    return {
+        'num_classes': int(num_classes),
+        'num_train': source.num_examples(sources.cfg_get(data_config, 'train_split', 'train')),
+        'num_eval': source.num_examples(sources.cfg_get(data_config, 'eval_split', 'validation')),
+    }

@@ -1,0 +1,321 @@
+"""RandAugment and AutoAugment (policy v0) on uint8 images, in TensorFlow (RECIPE §6).
+
+Every op maps uint8 [H, W, 3] → uint8 [H, W, 3] and runs eagerly or inside tf.data. The colour
+ops follow PIL's ImageOps/ImageEnhance definitions (the tests compare against PIL):
+  - enhancements blend with a degenerate image like `Image.blend`: float32, truncated to uint8;
+  - Color's gray is PIL's fixed-point ITU-R 601 luma, Contrast's degenerate is its rounded mean
+    (the official TF code used pixel-count / 256 there, a known bug we do not copy);
+  - AutoContrast and Equalize build PIL's per-channel lookup tables.
+Geometric ops use nearest-neighbour projective transforms with fill 128, as the official code.
+
+Magnitudes (M in [0, 10], not clipped, so M > 10 extrapolates): rotate M/10·30°, shear M/10·0.3,
+translate M/10·100 px (AutoAugment: 250), cutout half-side M/10·40 px (AutoAugment: 100),
+enhance factor M/10·1.8 + 0.1, posterize int(M/10·4) bits kept, solarize threshold
+int(M/10·256), solarize-add int(M/10·110). Rotate, shear and translate take a random sign;
+enhance factors and the rest do not (as in the official code).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+FILL_VALUE = 128
+MAX_LEVEL = 10.0
+
+
+def _f32(image):
+    return tf.cast(image, tf.float32)
+
+
+def blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
+    """PIL `Image.blend(degenerate, image, factor)`: degenerate + factor·(image − degenerate)."""
+    out = _f32(degenerate) + tf.cast(factor, tf.float32) * (_f32(image) - _f32(degenerate))
+    return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)  # the cast truncates, like PIL
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+    """PIL's RGB → L: (R·19595 + G·38470 + B·7471 + 2^15) >> 16, as uint8 [H, W, 1]."""
+    rgb = tf.cast(image, tf.int32)
+    luma = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000
+    return tf.cast(tf.bitwise.right_shift(luma, 16), tf.uint8)[..., None]
+
+
+# ----------------------------------------------------------------------------- colour ops
+
+
+def autocontrast(image: tf.Tensor) -> tf.Tensor:
+    """Per channel, stretch [min, max] to [0, 255] (PIL's table, computed in float64)."""
+
+    def channel(c):
+        lo = tf.cast(tf.reduce_min(c), tf.float64)
+        hi = tf.cast(tf.reduce_max(c), tf.float64)
+        scale = 255.0 / tf.maximum(hi - lo, 1.0)
+        lut = tf.cast(tf.range(256, dtype=tf.float64) * scale - lo * scale, tf.int32)
+        lut = tf.where(hi > lo, tf.clip_by_value(lut, 0, 255), tf.range(256))
+        return tf.gather(lut, tf.cast(c, tf.int32))
+
+    out = tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
+    return tf.cast(out, tf.uint8)
+
+
+def equalize(image: tf.Tensor) -> tf.Tensor:
+    """PIL's histogram equalisation per channel."""
+
+    def channel(c):
+        c = tf.cast(c, tf.int32)
+        hist = tf.math.bincount(tf.reshape(c, [-1]), minlength=256, maxlength=256)
+        nonzero = tf.boolean_mask(hist, hist > 0)
+        step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
+        safe_step = tf.maximum(step, 1)
+        lut = (safe_step // 2 + tf.concat([[0], tf.cumsum(hist)[:-1]], 0)) // safe_step
+        lut = tf.where(step > 0, tf.clip_by_value(lut, 0, 255), tf.range(256))
+        return tf.gather(lut, c)
+
+    out = tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
+    return tf.cast(out, tf.uint8)
+
+
+def invert(image: tf.Tensor) -> tf.Tensor:
+    return 255 - image
+
+
+def posterize(image: tf.Tensor, bits) -> tf.Tensor:
+    """Keep the top `bits` bits of every channel (0 bits: black, like PIL)."""
+    bits = tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
+    shift = tf.cast(tf.minimum(8 - bits, 7), tf.uint8)  # shifts by 8 are undefined in TF
+    out = tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
+    return tf.where(bits > 0, out, tf.zeros_like(image))
+
+
+def solarize(image: tf.Tensor, threshold) -> tf.Tensor:
+    """Invert pixels >= threshold."""
+    return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+
+
+def solarize_add(image: tf.Tensor, addition, threshold: int = 128) -> tf.Tensor:
+    """Add `addition` (clipped to [0, 255]) to pixels below threshold."""
+    added = tf.clip_by_value(tf.cast(image, tf.int32) + addition, 0, 255)
+    return tf.where(tf.cast(image, tf.int32) < threshold, tf.cast(added, tf.uint8), image)
+
+
+def color(image: tf.Tensor, factor) -> tf.Tensor:
+    """Saturation: blend with the image's gray version."""
+    return blend(tf.tile(grayscale(image), [1, 1, 3]), image, factor)
+
+
+def contrast(image: tf.Tensor, factor) -> tf.Tensor:
+    """Blend with a flat image at the gray mean, rounded like PIL: int(mean + 0.5)."""
+    gray = tf.cast(grayscale(image), tf.int64)
+    n = tf.cast(tf.size(gray), tf.int64)
+    mean = (2 * tf.reduce_sum(gray) + n) // (2 * n)  # int(sum / n + 0.5), exactly
+    return blend(tf.fill(tf.shape(image), tf.cast(mean, tf.uint8)), image, factor)
+
+
+def brightness(image: tf.Tensor, factor) -> tf.Tensor:
+    return blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image: tf.Tensor, factor) -> tf.Tensor:
+    """Blend with PIL's SMOOTH filter (3×3, centre 5, /13); the 1-pixel border is kept as is."""
+    kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(_f32(image)[None], kernel, [1, 1, 1, 1], 'VALID')[0]
+    smooth = tf.cast(tf.round(tf.clip_by_value(smooth, 0.0, 255.0)), tf.uint8)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    interior = tf.pad(tf.ones([h - 2, w - 2], tf.bool), [[1, 1], [1, 1]])
+    degenerate = tf.where(interior[..., None], tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
+    return blend(degenerate, image, factor)
+
+
+# ----------------------------------------------------------------------------- geometric ops
+
+
+def transform(image: tf.Tensor, matrix) -> tf.Tensor:
+    """Output pixel (x, y) takes input pixel round(A·(x, y, 1)); outside → 128.
+
+    `matrix` is [a0, a1, a2, b0, b1, b2]: x_in = a0·x + a1·y + a2, y_in = b0·x + b1·y + b2.
+    """
+    matrix = tf.cast(tf.stack(matrix), tf.float32)
+    transforms = tf.concat([matrix, tf.zeros([2], tf.float32)], 0)[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transforms,
+        output_shape=tf.shape(image)[:2],
+        fill_value=float(FILL_VALUE),
+        interpolation='NEAREST',
+        fill_mode='CONSTANT',
+    )
+    return tf.ensure_shape(out[0], image.shape)
+
+
+def rotate(image: tf.Tensor, degrees) -> tf.Tensor:
+    """Rotate about the image centre ((w − 1)/2, (h − 1)/2) by `degrees` (counter-clockwise)."""
+    theta = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1.0) / 2.0
+    cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1.0) / 2.0
+    # input = R(θ)·(output − c) + c: a counter-clockwise turn of the picture on screen.
+    return transform(
+        image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]
+    )
+
+
+def shear_x(image: tf.Tensor, level) -> tf.Tensor:
+    return transform(image, [1.0, level, 0.0, 0.0, 1.0, 0.0])
+
+
+def shear_y(image: tf.Tensor, level) -> tf.Tensor:
+    return transform(image, [1.0, 0.0, 0.0, level, 1.0, 0.0])
+
+
+def translate_x(image: tf.Tensor, pixels) -> tf.Tensor:
+    """Move the content right by `pixels`."""
+    return transform(image, [1.0, 0.0, -tf.cast(pixels, tf.float32), 0.0, 1.0, 0.0])
+
+
+def translate_y(image: tf.Tensor, pixels) -> tf.Tensor:
+    """Move the content down by `pixels`."""
+    return transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -tf.cast(pixels, tf.float32)])
+
+
+def cutout(image: tf.Tensor, half_size, seed) -> tf.Tensor:
+    """Fill a (2·half_size)² square at a uniform random centre (clipped to the image) with 128."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    cy = tf.random.stateless_uniform([], seed, 0, h, tf.int32)
+    cx = tf.random.stateless_uniform([], seed + 1, 0, w, tf.int32)
+    ys, xs = tf.range(h)[:, None], tf.range(w)[None, :]
+    inside = (ys >= cy - half_size) & (ys < cy + half_size)
+    inside &= (xs >= cx - half_size) & (xs < cx + half_size)
+    return tf.where(inside[..., None], tf.constant(FILL_VALUE, tf.uint8), image)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def _signed(value, seed):
+    """value or −value with probability 1/2."""
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+    return tf.where(flip, -value, value)
+
+
+def level_to_arg(name: str, level: float, translate_const: float, cutout_const: float):
+    """The op's argument at magnitude `level` (unsigned; the sign is drawn at apply time)."""
+    m = level / MAX_LEVEL
+    return {
+        'AutoContrast': None,
+        'Equalize': None,
+        'Invert': None,
+        'Rotate': m * 30.0,
+        'Posterize': int(m * 4),
+        'Solarize': int(m * 256),
+        'SolarizeAdd': int(m * 110),
+        'Color': m * 1.8 + 0.1,
+        'Contrast': m * 1.8 + 0.1,
+        'Brightness': m * 1.8 + 0.1,
+        'Sharpness': m * 1.8 + 0.1,
+        'ShearX': m * 0.3,
+        'ShearY': m * 0.3,
+        'TranslateX': m * translate_const,
+        'TranslateY': m * translate_const,
+        'Cutout': int(m * cutout_const),
+    }[name]
+
+
+def apply_op(image, name: str, level: float, seed, translate_const=100.0, cutout_const=40.0):
+    """Applies op `name` at magnitude `level`; `seed` (int [2]) draws its sign or position."""
+    arg = level_to_arg(name, level, translate_const, cutout_const)
+    if name in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'):
+        arg = _signed(tf.constant(arg, tf.float32), seed)
+    fn = {
+        'AutoContrast': lambda x: autocontrast(x),
+        'Equalize': lambda x: equalize(x),
+        'Invert': lambda x: invert(x),
+        'Rotate': lambda x: rotate(x, arg),
+        'Posterize': lambda x: posterize(x, arg),
+        'Solarize': lambda x: solarize(x, arg),
+        'SolarizeAdd': lambda x: solarize_add(x, arg),
+        'Color': lambda x: color(x, arg),
+        'Contrast': lambda x: contrast(x, arg),
+        'Brightness': lambda x: brightness(x, arg),
+        'Sharpness': lambda x: sharpness(x, arg),
+        'ShearX': lambda x: shear_x(x, arg),
+        'ShearY': lambda x: shear_y(x, arg),
+        'TranslateX': lambda x: translate_x(x, arg),
+        'TranslateY': lambda x: translate_y(x, arg),
+        'Cutout': lambda x: cutout(x, arg, seed),
+    }[name]
+    return tf.ensure_shape(fn(image), image.shape)
+
+
+RANDAUGMENT_OPS = (
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color',
+    'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY',
+    'Cutout', 'SolarizeAdd',
+)  # fmt: skip
+
+# AutoAugment ImageNet policy v0: 25 sub-policies of (op, probability, magnitude).
+AUTOAUGMENT_POLICY_V0 = (
+    (('Equalize', 0.8, 1), ('ShearY', 0.8, 4)),
+    (('Color', 0.4, 9), ('Equalize', 0.6, 3)),
+    (('Color', 0.4, 1), ('Rotate', 0.6, 8)),
+    (('Solarize', 0.8, 3), ('Equalize', 0.4, 7)),
+    (('Solarize', 0.4, 2), ('Solarize', 0.6, 2)),
+    (('Color', 0.2, 0), ('Equalize', 0.8, 8)),
+    (('Equalize', 0.4, 8), ('SolarizeAdd', 0.8, 3)),
+    (('ShearX', 0.2, 9), ('Rotate', 0.6, 8)),
+    (('Color', 0.6, 1), ('Equalize', 1.0, 2)),
+    (('Invert', 0.4, 9), ('Rotate', 0.6, 0)),
+    (('Equalize', 1.0, 9), ('ShearY', 0.6, 3)),
+    (('Color', 0.4, 7), ('Equalize', 0.6, 0)),
+    (('Posterize', 0.4, 6), ('AutoContrast', 0.4, 7)),
+    (('Solarize', 0.6, 8), ('Color', 0.6, 9)),
+    (('Solarize', 0.2, 4), ('Rotate', 0.8, 9)),
+    (('Rotate', 1.0, 7), ('TranslateY', 0.8, 9)),
+    (('ShearX', 0.0, 0), ('Solarize', 0.8, 4)),
+    (('ShearY', 0.8, 0), ('Color', 0.6, 4)),
+    (('Color', 1.0, 0), ('Rotate', 0.6, 2)),
+    (('Equalize', 0.8, 4), ('Equalize', 0.0, 8)),
+    (('Equalize', 1.0, 4), ('AutoContrast', 0.6, 2)),
+    (('ShearY', 0.4, 7), ('SolarizeAdd', 0.6, 7)),
+    (('Posterize', 0.8, 2), ('Solarize', 0.6, 10)),
+    (('Solarize', 0.6, 8), ('Equalize', 0.6, 1)),
+    (('Color', 0.8, 6), ('Rotate', 0.4, 5)),
+)
+
+
+def randaugment(image: tf.Tensor, seed, num_layers: int = 2, magnitude: float = 9.0):
+    """N layers, each applies one of the 16 ops chosen uniformly, at magnitude M."""
+    image = tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [None, None, 3])
+    seeds = tf.random.experimental.stateless_split(seed, 2 * num_layers)
+    for layer in range(num_layers):
+        choice = tf.random.stateless_uniform([], seeds[2 * layer], 0, len(RANDAUGMENT_OPS), tf.int32)
+        op_seed = seeds[2 * layer + 1]
+        branches = [
+            (lambda name=name, x=image: apply_op(x, name, magnitude, op_seed))
+            for name in RANDAUGMENT_OPS
+        ]
+        image = tf.switch_case(choice, branches)
+    return image
+
+
+def autoaugment(image: tf.Tensor, seed, policy=AUTOAUGMENT_POLICY_V0):
+    """Picks a sub-policy uniformly; applies each of its ops with that op's probability."""
+    image = tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [None, None, 3])
+    choice_seed, *op_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+
+    def subpolicy(x, ops):
+        for i, (name, prob, level) in enumerate(ops):
+            apply = tf.random.stateless_uniform([], op_seeds[2 * i]) < prob
+            x = tf.cond(
+                apply,
+                lambda x=x, name=name, level=level, s=op_seeds[2 * i + 1]: apply_op(
+                    x, name, level, s, translate_const=250.0, cutout_const=100.0
+                ),
+                lambda x=x: x,
+            )
+        return x
+
+    choice = tf.random.stateless_uniform([], choice_seed, 0, len(policy), tf.int32)
+    return tf.switch_case(choice, [lambda ops=ops: subpolicy(image, ops) for ops in policy])
