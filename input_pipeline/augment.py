@@ -290,10 +290,10 @@ def randaugment(image: tf.Tensor, seed, num_layers: int = 2, magnitude: float = 
     image = tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [None, None, 3])
     seeds = tf.random.experimental.stateless_split(seed, 2 * num_layers)
     for layer in range(num_layers):
-        choice = tf.random.stateless_uniform([], seeds[2 * layer], 0, len(RANDAUGMENT_OPS), tf.int32)
-        op_seed = seeds[2 * layer + 1]
+        num_ops = len(RANDAUGMENT_OPS)
+        choice = tf.random.stateless_uniform([], seeds[2 * layer], 0, num_ops, tf.int32)
         branches = [
-            (lambda name=name, x=image: apply_op(x, name, magnitude, op_seed))
+            (lambda name=name, x=image, s=seeds[2 * layer + 1]: apply_op(x, name, magnitude, s))
             for name in RANDAUGMENT_OPS
         ]
         image = tf.switch_case(choice, branches)

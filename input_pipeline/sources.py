@@ -217,7 +217,10 @@ def _scan_folder(root: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...
         logger.warning(
             'image folder %s: skipped %d of %d files that do not decode (corrupt, truncated or '
             'not an image): %s%s',
-            root, len(bad), len(files), ', '.join(os.path.relpath(p, root) for p in bad[:5]),
+            root,
+            len(bad),
+            len(files),
+            ', '.join(os.path.relpath(p, root) for p in bad[:5]),
             ' ...' if len(bad) > 5 else '',
         )
     return classes, tuple((p, lbl) for p, lbl in files if p in valid)
