@@ -45,36 +45,41 @@ def grayscale(image: tf.Tensor) -> tf.Tensor:
 # ----------------------------------------------------------------------------- colour ops
 
 
+def _per_channel_lut(image: tf.Tensor, make_lut) -> tf.Tensor:
+    """Applies per-channel lookup tables [3, 256] = make_lut(histograms [3, 256], pixels)."""
+    pixels = tf.transpose(tf.reshape(tf.cast(image, tf.int32), [-1, 3]))  # [3, H·W]
+    hist = tf.math.bincount(pixels, minlength=256, maxlength=256, axis=-1)
+    lut = make_lut(hist, pixels)
+    out = tf.gather(lut, pixels, batch_dims=1)
+    return tf.reshape(tf.cast(tf.transpose(out), tf.uint8), tf.shape(image))
+
+
 def autocontrast(image: tf.Tensor) -> tf.Tensor:
     """Per channel, stretch [min, max] to [0, 255] (PIL's table, computed in float64)."""
 
-    def channel(c):
-        lo = tf.cast(tf.reduce_min(c), tf.float64)
-        hi = tf.cast(tf.reduce_max(c), tf.float64)
+    def make_lut(hist, pixels):
+        lo = tf.cast(tf.reduce_min(pixels, axis=1, keepdims=True), tf.float64)
+        hi = tf.cast(tf.reduce_max(pixels, axis=1, keepdims=True), tf.float64)
         scale = 255.0 / tf.maximum(hi - lo, 1.0)
-        lut = tf.cast(tf.range(256, dtype=tf.float64) * scale - lo * scale, tf.int32)
-        lut = tf.where(hi > lo, tf.clip_by_value(lut, 0, 255), tf.range(256))
-        return tf.gather(lut, tf.cast(c, tf.int32))
+        lut = tf.cast(tf.range(256, dtype=tf.float64)[None] * scale - lo * scale, tf.int32)
+        return tf.where(hi > lo, tf.clip_by_value(lut, 0, 255), tf.range(256)[None])
 
-    out = tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
-    return tf.cast(out, tf.uint8)
+    return _per_channel_lut(image, make_lut)
 
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
     """PIL's histogram equalisation per channel."""
 
-    def channel(c):
-        c = tf.cast(c, tf.int32)
-        hist = tf.math.bincount(tf.reshape(c, [-1]), minlength=256, maxlength=256)
-        nonzero = tf.boolean_mask(hist, hist > 0)
-        step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
+    def make_lut(hist, pixels):
+        # PIL: step = (count of all pixels − count in the highest occupied bin) // 255.
+        highest = 255 - tf.argmax(tf.reverse(hist, [1]) > 0, axis=1, output_type=tf.int32)
+        step = (tf.reduce_sum(hist, 1) - tf.gather(hist, highest, batch_dims=1)) // 255
+        step = step[:, None]
         safe_step = tf.maximum(step, 1)
-        lut = (safe_step // 2 + tf.concat([[0], tf.cumsum(hist)[:-1]], 0)) // safe_step
-        lut = tf.where(step > 0, tf.clip_by_value(lut, 0, 255), tf.range(256))
-        return tf.gather(lut, c)
+        lut = (safe_step // 2 + tf.cumsum(hist, axis=1, exclusive=True)) // safe_step
+        return tf.where(step > 0, tf.clip_by_value(lut, 0, 255), tf.range(256)[None])
 
-    out = tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
-    return tf.cast(out, tf.uint8)
+    return _per_channel_lut(image, make_lut)
 
 
 def invert(image: tf.Tensor) -> tf.Tensor:
@@ -200,34 +205,37 @@ def _signed(value, seed):
     return tf.where(flip, -value, value)
 
 
-def level_to_arg(name: str, level: float, translate_const: float, cutout_const: float):
-    """The op's argument at magnitude `level` (unsigned; the sign is drawn at apply time)."""
-    m = level / MAX_LEVEL
+def level_to_arg(name: str, level, translate_const: float, cutout_const: float):
+    """The op's argument at magnitude `level` (a number or a scalar tensor), unsigned: the sign
+    is drawn at apply time. Computed in float64 like Python, then truncated like `int()`."""
+    m = tf.cast(level, tf.float64) / MAX_LEVEL
+    as_int = lambda x: tf.cast(x, tf.int32)
+    as_f32 = lambda x: tf.cast(x, tf.float32)
     return {
-        'AutoContrast': None,
-        'Equalize': None,
-        'Invert': None,
-        'Rotate': m * 30.0,
-        'Posterize': int(m * 4),
-        'Solarize': int(m * 256),
-        'SolarizeAdd': int(m * 110),
-        'Color': m * 1.8 + 0.1,
-        'Contrast': m * 1.8 + 0.1,
-        'Brightness': m * 1.8 + 0.1,
-        'Sharpness': m * 1.8 + 0.1,
-        'ShearX': m * 0.3,
-        'ShearY': m * 0.3,
-        'TranslateX': m * translate_const,
-        'TranslateY': m * translate_const,
-        'Cutout': int(m * cutout_const),
-    }[name]
+        'AutoContrast': lambda: None,
+        'Equalize': lambda: None,
+        'Invert': lambda: None,
+        'Rotate': lambda: as_f32(m * 30.0),
+        'Posterize': lambda: as_int(m * 4),
+        'Solarize': lambda: as_int(m * 256),
+        'SolarizeAdd': lambda: as_int(m * 110),
+        'Color': lambda: as_f32(m * 1.8 + 0.1),
+        'Contrast': lambda: as_f32(m * 1.8 + 0.1),
+        'Brightness': lambda: as_f32(m * 1.8 + 0.1),
+        'Sharpness': lambda: as_f32(m * 1.8 + 0.1),
+        'ShearX': lambda: as_f32(m * 0.3),
+        'ShearY': lambda: as_f32(m * 0.3),
+        'TranslateX': lambda: as_f32(m * translate_const),
+        'TranslateY': lambda: as_f32(m * translate_const),
+        'Cutout': lambda: as_int(m * cutout_const),
+    }[name]()
 
 
-def apply_op(image, name: str, level: float, seed, translate_const=100.0, cutout_const=40.0):
+def apply_op(image, name: str, level, seed, translate_const=100.0, cutout_const=40.0):
     """Applies op `name` at magnitude `level`; `seed` (int [2]) draws its sign or position."""
     arg = level_to_arg(name, level, translate_const, cutout_const)
     if name in ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY'):
-        arg = _signed(tf.constant(arg, tf.float32), seed)
+        arg = _signed(arg, seed)
     fn = {
         'AutoContrast': lambda x: autocontrast(x),
         'Equalize': lambda x: equalize(x),
@@ -285,37 +293,56 @@ AUTOAUGMENT_POLICY_V0 = (
 )
 
 
-def randaugment(image: tf.Tensor, seed, num_layers: int = 2, magnitude: float = 9.0):
-    """N layers, each applies one of the 16 ops chosen uniformly, at magnitude M."""
+def apply_op_by_index(image, index, level, seed, translate_const=100.0, cutout_const=40.0):
+    """`apply_op` with the op given as a tensor index into RANDAUGMENT_OPS (one switch_case)."""
+    branches = [
+        (lambda name=name: apply_op(image, name, level, seed, translate_const, cutout_const))
+        for name in RANDAUGMENT_OPS
+    ]
+    return tf.switch_case(index, branches)
+
+
+def _apply_layers(image, num_layers, layer_fn):
+    """image ← layer_fn(i, image) for i < num_layers, as a while_loop so each op is traced once."""
     image = tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [None, None, 3])
-    seeds = tf.random.experimental.stateless_split(seed, 2 * num_layers)
-    for layer in range(num_layers):
-        num_ops = len(RANDAUGMENT_OPS)
-        choice = tf.random.stateless_uniform([], seeds[2 * layer], 0, num_ops, tf.int32)
-        branches = [
-            (lambda name=name, x=image, s=seeds[2 * layer + 1]: apply_op(x, name, magnitude, s))
-            for name in RANDAUGMENT_OPS
-        ]
-        image = tf.switch_case(choice, branches)
+    _, image = tf.while_loop(
+        lambda i, x: i < num_layers,
+        lambda i, x: (i + 1, tf.ensure_shape(layer_fn(i, x), image.shape)),
+        (tf.constant(0), image),
+    )
     return image
 
 
+def randaugment(image: tf.Tensor, seed, num_layers: int = 2, magnitude: float = 9.0):
+    """N layers, each applies one of the 16 ops chosen uniformly, at magnitude M."""
+    layer_seeds = tf.random.experimental.stateless_split(seed, max(num_layers, 1))
+
+    def layer(i, x):
+        choice_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seeds[i], 2))
+        choice = tf.random.stateless_uniform([], choice_seed, 0, len(RANDAUGMENT_OPS), tf.int32)
+        return apply_op_by_index(x, choice, magnitude, op_seed)
+
+    return _apply_layers(image, num_layers, layer)
+
+
 def autoaugment(image: tf.Tensor, seed, policy=AUTOAUGMENT_POLICY_V0):
-    """Picks a sub-policy uniformly; applies each of its ops with that op's probability."""
-    image = tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [None, None, 3])
-    choice_seed, *op_seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    """Picks a sub-policy uniformly; applies each of its ops with that op's probability.
 
-    def subpolicy(x, ops):
-        for i, (name, prob, level) in enumerate(ops):
-            apply = tf.random.stateless_uniform([], op_seeds[2 * i]) < prob
-            x = tf.cond(
-                apply,
-                lambda x=x, name=name, level=level, s=op_seeds[2 * i + 1]: apply_op(
-                    x, name, level, s, translate_const=250.0, cutout_const=100.0
-                ),
-                lambda x=x: x,
-            )
-        return x
-
+    Translate and cutout use AutoAugment's constants (250 px, 100 px) as the official code.
+    """
+    ops = tf.constant([[RANDAUGMENT_OPS.index(op[0]) for op in sub] for sub in policy])
+    probs = tf.constant([[op[1] for op in sub] for sub in policy], tf.float32)
+    levels = tf.constant([[op[2] for op in sub] for sub in policy], tf.float32)
+    choice_seed, ops_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     choice = tf.random.stateless_uniform([], choice_seed, 0, len(policy), tf.int32)
-    return tf.switch_case(choice, [lambda ops=ops: subpolicy(image, ops) for ops in policy])
+    op_seeds = tf.random.experimental.stateless_split(ops_seed, ops.shape[1])
+
+    def layer(i, x):
+        apply_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(op_seeds[i], 2))
+        return tf.cond(
+            tf.random.stateless_uniform([], apply_seed) < probs[choice, i],
+            lambda: apply_op_by_index(x, ops[choice, i], levels[choice, i], op_seed, 250.0, 100.0),
+            lambda: x,
+        )
+
+    return _apply_layers(image, ops.shape[1], layer)

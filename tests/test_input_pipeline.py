@@ -1,0 +1,182 @@
+"""The tf.data pipeline on tfds's real imagenet2012 builder (prepared offline from a generated
+manual dir): shapes, labels, exact eval, process sharding, determinism and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+import input_pipeline
+from input_pipeline import pipeline
+from tests import input_fixtures as fx
+
+RES = 32
+NUM_IDS = 125
+
+
+@pytest.fixture(scope='session')
+def imagenet():
+    return fx.prepared_imagenet()
+
+
+def imagenet_config(imagenet, **overrides):
+    data_dir, manual_dir, _ = imagenet
+    return fx.data_config(data_dir=data_dir, manual_dir=manual_dir, resolution=RES, **overrides)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_train_batches_on_imagenet(imagenet):
+    config = imagenet_config(imagenet, augment='randaugment')
+    it = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
+    expected = imagenet[2]
+    batches = take(it, 6)  # two epochs of 12
+    for b in batches:
+        assert set(b) == {'image', 'label'}
+        assert b['image'].shape == (4, RES, RES, 3) and b['image'].dtype == np.uint8
+        assert b['label'].shape == (4,) and b['label'].dtype == np.int32
+    labels = np.concatenate([b['label'] for b in batches])
+    assert set(labels) == {0, 1, 500}
+    images = np.concatenate([b['image'] for b in batches])
+    assert images.min() < 20 and images.max() > 200  # full uint8 range, RandAugment included
+    # Without augmentation the colour identifies the example: labels belong to it, and each
+    # epoch visits every example once.
+    config = imagenet_config(imagenet)
+    it = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
+    batches = take(it, 6)
+    ids = fx.identify(np.concatenate([b['image'] for b in batches]), NUM_IDS)
+    labels = np.concatenate([b['label'] for b in batches])
+    assert [expected[i] for i in ids] == list(labels)
+    assert sorted(ids[:12]) == list(range(12)) and sorted(ids[12:]) == list(range(12))
+    assert list(ids[:12]) != list(ids[12:]), 'each epoch should be reshuffled'
+
+
+def test_train_mixup_labels(imagenet):
+    config = imagenet_config(imagenet, mixup_alpha=0.2, cutmix_alpha=1.0)
+    batch = next(input_pipeline.create_train_iterator(config, global_batch_size=4, seed=1))
+    assert batch['image'].dtype == np.uint8 and batch['image'].shape == (4, RES, RES, 3)
+    assert batch['label'].shape == (4, 1000) and batch['label'].dtype == np.float32
+    np.testing.assert_allclose(batch['label'].sum(1), 1.0, rtol=1e-5)
+    assert set(np.nonzero(batch['label'])[1]) <= {0, 1, 500}
+
+
+def test_eval_batches_on_imagenet(imagenet):
+    config = imagenet_config(imagenet)
+    batches = list(input_pipeline.create_eval_iterator(config, global_batch_size=4))
+    assert len(batches) == 2
+    for b in batches:
+        assert set(b) == {'image', 'label', 'mask'}
+        assert b['image'].shape == (4, RES, RES, 3) and b['image'].dtype == np.uint8
+        assert b['label'].dtype == np.int32 and b['mask'].dtype == np.bool_
+    mask = np.concatenate([b['mask'] for b in batches])
+    ids = fx.identify(np.concatenate([b['image'] for b in batches])[mask], NUM_IDS)
+    labels = np.concatenate([b['label'] for b in batches])[mask]
+    assert sorted(ids) == list(range(100, 107))
+    assert [imagenet[2][i] for i in ids] == list(labels)
+    assert input_pipeline.dataset_info(config) == {
+        'num_classes': 1000, 'num_train': 12, 'num_eval': 7,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize('process_count,global_batch', [(1, 4), (2, 4), (3, 6), (2, 8)])
+def test_eval_exact_over_processes(imagenet, process_count, global_batch):
+    """7 examples, divisible by neither batch nor process count: each counted exactly once."""
+    config = imagenet_config(imagenet)
+    per_process = [
+        list(
+            input_pipeline.create_eval_iterator(
+                config, global_batch_size=global_batch, process_index=p,
+                process_count=process_count,
+            )
+        )
+        for p in range(process_count)
+    ]  # fmt: skip
+    assert len({len(batches) for batches in per_process}) == 1, 'same batch count everywhere'
+    ids, total = [], 0
+    for batches in per_process:
+        for b in batches:
+            assert b['image'].shape[0] == global_batch // process_count
+            total += int(b['mask'].sum())
+            ids += list(fx.identify(b['image'][b['mask']], NUM_IDS))
+            assert not b['image'][~b['mask']].any(), 'padding is zeros'
+    assert total == 7
+    assert sorted(ids) == list(range(100, 107))
+
+
+def test_two_processes_read_disjoint_covering_data(imagenet):
+    config = imagenet_config(imagenet)
+    seen = []
+    for p in range(2):
+        it = input_pipeline.create_train_iterator(
+            config, global_batch_size=4, seed=0, process_index=p, process_count=2
+        )
+        batches = take(it, 3)  # one epoch of this process's 6 examples
+        assert batches[0]['image'].shape[0] == 2
+        seen.append(set(fx.identify(np.concatenate([b['image'] for b in batches]), NUM_IDS)))
+        assert len(seen[-1]) == 6
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(12))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_same_seed_same_batches_and_resume(imagenet):
+    config = imagenet_config(imagenet, augment='randaugment', mixup_alpha=0.4)
+    kwargs = dict(global_batch_size=4, seed=7)
+    full = take(input_pipeline.create_train_iterator(config, **kwargs), 8)
+    again = take(input_pipeline.create_train_iterator(config, **kwargs), 8)
+    assert_same_batches(full, again)
+    other = next(input_pipeline.create_train_iterator(config, global_batch_size=4, seed=8))
+    assert not np.array_equal(other['image'], full[0]['image'])
+
+    # Restored at step k (mid-epoch, and in a later epoch) via start_step and via set_state.
+    for k in (2, 5):
+        resumed = input_pipeline.create_train_iterator(config, start_step=k, **kwargs)
+        assert_same_batches(take(resumed, 8 - k), full[k:])
+    it = input_pipeline.create_train_iterator(config, **kwargs)
+    take(it, 4)
+    state = it.get_state()
+    assert it.step == 4 and json.loads(state)['step'] == 4
+    fresh = input_pipeline.create_train_iterator(config, **kwargs)
+    fresh.set_state(state)
+    assert_same_batches(take(fresh, 4), full[4:])
+
+
+def test_set_state_refuses_a_different_run(imagenet):
+    config = imagenet_config(imagenet)
+    it = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
+    other = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=1)
+    with pytest.raises(ValueError, match='seed'):
+        other.set_state(it.get_state())
+
+
+def test_fake_source_pipeline_and_cache():
+    config = fx.data_config(
+        name='fake', resolution=RES, num_classes=10, fake_num_train=20, fake_num_eval=9,
+        cache=True,
+    )  # fmt: skip
+    assert input_pipeline.dataset_info(config) == {
+        'num_classes': 10, 'num_train': 20, 'num_eval': 9,
+    }  # fmt: skip
+    a = take(input_pipeline.create_train_iterator(config, global_batch_size=5, seed=3), 6)
+    b = take(input_pipeline.create_train_iterator(config, global_batch_size=5, seed=3), 6)
+    assert_same_batches(a, b)
+    assert all(x['label'].max() < 10 for x in a)
+    for _ in range(2):  # cached eval dataset, iterated twice
+        batches = list(input_pipeline.create_eval_iterator(config, global_batch_size=4))
+        assert sum(int(x['mask'].sum()) for x in batches) == 9
+
+
+def test_eval_batch_count_helper():
+    assert pipeline.eval_batches_per_process(7, 2, 2) == 2
+    assert pipeline.eval_batches_per_process(50000, 128, 8) == 49
+    with pytest.raises(ValueError):
+        pipeline._local_batch(10, 3)
