@@ -70,6 +70,13 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -274,8 +281,8 @@ def main(argv: list[str]) -> None:
         import tensorflow as tf  # the pipeline must not take GPU/TPU memory
         tf.config.set_visible_devices([], 'GPU')
         tf.config.set_visible_devices([], 'TPU')
-    py_logging.getLogger('absl').setLevel(py_logging.INFO)
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info('JAX %s, %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
