@@ -87,11 +87,10 @@ def invert(image: tf.Tensor) -> tf.Tensor:
 
 
 def posterize(image: tf.Tensor, bits) -> tf.Tensor:
-    """Keep the top `bits` bits of every channel (0 bits: black, like PIL)."""
-    bits = tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-    shift = tf.cast(tf.minimum(8 - bits, 7), tf.uint8)  # shifts by 8 are undefined in TF
-    out = tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
-    return tf.where(bits > 0, out, tf.zeros_like(image))
+    """Keep the top `bits` bits of every channel. 0 bits acts as 1, as in the official code,
+    whose uint8 shift by 8 TensorFlow clamps to 7 (PIL rejects 0)."""
+    shift = tf.cast(tf.clip_by_value(8 - tf.cast(bits, tf.int32), 0, 7), tf.uint8)
+    return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
 def solarize(image: tf.Tensor, threshold) -> tf.Tensor:
