@@ -1,0 +1,147 @@
+"""Sources: tfds imagenet2012 (prepared and missing), Debian's Fashion-MNIST, image folders
+(with corrupt, truncated, grayscale, CMYK and PNG files), fake data, sharding."""
+
+import gzip
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import input_pipeline
+from input_pipeline import sources
+from tests import input_fixtures as fx
+
+FASHION_DIR = sources.DEBIAN_FASHION_MNIST_DIR
+
+
+def test_shard_bounds_are_disjoint_and_cover():
+    for n in (0, 1, 7, 50000):
+        for p_count in (1, 2, 3, 8):
+            bounds = [sources.shard_bounds(n, p, p_count) for p in range(p_count)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_imagenet2012_builder_prepared_offline():
+    data_dir, manual_dir, expected = fx.prepared_imagenet()
+    source = sources.get_source(fx.data_config(data_dir=data_dir))
+    assert isinstance(source, sources.TfdsSource) and source.num_classes == 1000
+    assert source.num_examples('train') == 12 and source.num_examples('validation') == 7
+    labels = sorted(int(r['label']) for r in source.shard('train', 0, 1).records)
+    assert labels == sorted(v for k, v in expected.items() if k < 100)
+
+
+def test_imagenet2012_missing_says_how_to_prepare(tmp_path):
+    config = fx.data_config(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'none'))
+    with pytest.raises(FileNotFoundError) as err:
+        input_pipeline.dataset_info(config)
+    message = str(err.value)
+    assert 'tfds build imagenet2012 --manual_dir=' in message
+    assert 'ILSVRC2012_img_train.tar' in message and 'image-net.org' in message
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason='run `make data` (Debian package)')
+def test_fashion_mnist_offline_from_debian_files():
+    config = fx.data_config(name='fashion_mnist', num_classes=10, resolution=28, eval_split='test')
+    assert input_pipeline.dataset_info(config) == {
+        'num_classes': 10, 'num_train': 60000, 'num_eval': 10000,
+    }  # fmt: skip
+    # Independent of our idx parser: the label file is a 8-byte header then one byte per label.
+    with gzip.open(os.path.join(FASHION_DIR, 'train-labels-idx1-ubyte.gz')) as f:
+        raw_labels = np.frombuffer(f.read()[8:], np.uint8)
+    assert np.bincount(raw_labels).tolist() == [6000] * 10
+    with gzip.open(os.path.join(FASHION_DIR, 't10k-images-idx3-ubyte.gz')) as f:
+        raw_images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
+    with gzip.open(os.path.join(FASHION_DIR, 't10k-labels-idx1-ubyte.gz')) as f:
+        raw_test_labels = np.frombuffer(f.read()[8:], np.uint8)
+    config.crop_fraction = 1.0  # eval at 28 px: crop and resize are the identity
+    batch = next(input_pipeline.create_eval_iterator(config, global_batch_size=16))
+    assert batch['image'].shape == (16, 28, 28, 3)  # grayscale became 3 channels
+    np.testing.assert_array_equal(batch['image'][..., 1], raw_images[:16])
+    np.testing.assert_array_equal(batch['label'], raw_test_labels[:16])
+    train = next(input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0))
+    assert train['image'].shape == (8, 28, 28, 3) and train['label'].max() < 10
+    # 'validation' maps to Fashion-MNIST's test split
+    assert input_pipeline.dataset_info(fx.data_config(name='fashion_mnist'))['num_eval'] == 10000
+
+
+def test_image_folder_source_and_holdout(tmp_path):
+    ids = fx.write_image_folder(str(tmp_path), num_classes=3, per_class=10)
+    config = fx.data_config(name='folder', folder=str(tmp_path), resolution=24,
+                            holdout_fraction=0.2, num_classes=3)  # fmt: skip
+    assert input_pipeline.dataset_info(config) == {'num_classes': 3, 'num_train': 24, 'num_eval': 6}
+    batches = list(input_pipeline.create_eval_iterator(config, global_batch_size=4))
+    mask = np.concatenate([b['mask'] for b in batches])
+    seen = fx.identify(np.concatenate([b['image'] for b in batches])[mask], 30)
+    labels = np.concatenate([b['label'] for b in batches])[mask]
+    assert list(labels) == [i // 10 for i in seen]  # label = sorted class folder position
+    assert sorted(np.bincount(labels).tolist()) == [2, 2, 2]  # stratified holdout
+    train_ids = set()
+    it = input_pipeline.create_train_iterator(config, global_batch_size=8, seed=0)
+    for _ in range(3):
+        train_ids |= set(fx.identify(next(it)['image'], 30))
+    assert train_ids == set(ids.values()) - set(seen)
+    all_config = fx.data_config(name='folder', folder=str(tmp_path), eval_split='all')
+    assert input_pipeline.dataset_info(all_config)['num_eval'] == 30
+
+
+def test_image_folder_with_bad_and_odd_files(tmp_path, caplog):
+    root = tmp_path / 'odd'
+    fx.write_image_folder(str(root), num_classes=2, per_class=2)
+    rgb = Image.fromarray(fx.color_image(20, 30, 40))
+    odd = {
+        'gray.jpg': fx.encode(rgb.convert('L')),
+        'cmyk.jpg': fx.encode(rgb.convert('CMYK')),
+        'pic.png': fx.encode(rgb, 'PNG'),
+        'gray.png': fx.encode(rgb.convert('LA'), 'PNG'),
+        'truncated.jpg': fx.encode(rgb, quality=90)[:300],
+        'corrupt.jpg': b'\xff\xd8\xff\xe0' + os.urandom(500),
+        'notes.JPEG': b'this is not an image',
+        'empty.png': b'',
+    }
+    for name, data in odd.items():
+        (root / 'class_1' / name).write_bytes(data)
+    (root / 'class_0' / 'readme.txt').write_text('ignored: not an image extension')
+    config = fx.data_config(name='folder', folder=str(root), resolution=16, holdout_fraction=0.0,
+                            eval_split='all', num_classes=2)  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    sources._scan_folder.cache_clear()
+    info = input_pipeline.dataset_info(config)
+    assert info['num_train'] == 4 + 4 and info['num_eval'] == 8
+    warning = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+    assert len(warning) == 1 and 'skipped 4 of 12 files' in warning[0]
+    batches = list(input_pipeline.create_eval_iterator(config, global_batch_size=4))
+    assert sum(int(b['mask'].sum()) for b in batches) == 8
+    assert all(b['image'].shape == (4, 16, 16, 3) for b in batches)
+    it = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
+    for _ in range(5):  # more than an epoch: never meets a bad file
+        assert next(it)['image'].shape == (4, 16, 16, 3)
+
+
+def test_fake_source_is_deterministic_and_sized():
+    source = sources.get_source(
+        fx.data_config(name='fake', fake_num_train=10, fake_num_eval=3, num_classes=5,
+                       resolution=8)
+    )  # fmt: skip
+    assert source.num_examples('train') == 10 and source.num_examples('validation') == 3
+    shard = source.shard('train', 1, 2)
+    first = [shard.load(r) for r in shard.records]
+    again = [shard.load(r) for r in source.shard('train', 1, 2).records]
+    assert len(first) == 5
+    for a, b in zip(first, again):
+        assert a['image'].shape == (8, 8, 3) and a['image'].dtype == np.uint8
+        np.testing.assert_array_equal(a['image'], b['image'])
+        assert 0 <= int(a['label']) < 5
+    assert len({bytes(x['image'].numpy()) for x in first}) == 5
+
+
+def test_split_slicing_on_indexed_sources():
+    source = sources.get_source(fx.data_config(name='fake', fake_num_train=100))
+    assert source.num_examples('train[:10%]') == 10
+    assert source.num_examples('train[20:30]+validation[:5]') == 15
+    with pytest.raises(ValueError):
+        source.num_examples('nosuchsplit')
