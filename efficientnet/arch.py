@@ -113,8 +113,15 @@ def _variants() -> dict[str, Variant]:
 
 VARIANTS: dict[str, Variant] = _variants()
 
+# Test-only variants: the real block structure at a fraction of the cost, for fast tests and
+# smoke runs. Reachable by name but not listed by list_models().
+TEST_VARIANTS: dict[str, Variant] = {
+    'efficientnet-tiny': Variant('efficientnet-tiny', 0.25, 0.25, 32, 0.1),
+    'efficientnet-lite-tiny': Variant('efficientnet-lite-tiny', 0.25, 0.25, 32, 0.1, 'lite'),
+}
+
 # Short aliases: 'b0' == 'efficientnet-b0', 'lite0' == 'efficientnet-lite0'.
-_ALIASES = {n.removeprefix('efficientnet-'): n for n in VARIANTS}
+_ALIASES = {n.removeprefix('efficientnet-'): n for n in (*VARIANTS, *TEST_VARIANTS)}
 
 
 def list_models() -> list[str]:
@@ -128,6 +135,8 @@ def get_variant(name: str) -> Variant:
         raise TypeError(f'model name must be a string, got {type(name).__name__}')
     key = name.strip().lower().replace('_', '-')
     key = _ALIASES.get(key, key)
+    if key in TEST_VARIANTS:
+        return TEST_VARIANTS[key]
     if key not in VARIANTS:
         raise ValueError(
             f'unknown EfficientNet variant {name!r}; valid names: {", ".join(list_models())} '
