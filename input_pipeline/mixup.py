@@ -20,16 +20,16 @@ def sample_beta(shape, seed, alpha: float) -> tf.Tensor:
 
 def mixup(images, targets, alpha: float, seed):
     """Per-example λ ~ Beta(α, α), folded to λ ≥ 0.5; x = λ·x + (1 − λ)·x[::-1]."""
-    batch = tf.shape(images)[0]
-    lam = sample_beta([batch], seed, alpha)
+    shape = tf.shape(images)
+    lam = sample_beta(shape[:1], seed, alpha)
     lam = tf.maximum(lam, 1.0 - lam)
-    lam_img = lam[:, None, None, None]
-    mixed = lam_img * tf.cast(images, tf.float32) + (1.0 - lam_img) * tf.cast(
-        images[::-1], tf.float32
-    )
-    images = tf.cast(tf.round(tf.clip_by_value(mixed, 0.0, 255.0)), tf.uint8)
-    targets = lam[:, None] * targets + (1.0 - lam[:, None]) * targets[::-1]
-    return images, targets
+    # Flattened to [B, H·W·C] so the per-example weight broadcasts along rows (much faster on
+    # CPU than a 4-D broadcast); a convex mix needs no clipping, + 0.5 and the cast round it.
+    a = tf.cast(tf.reshape(images, [shape[0], -1]), tf.float32)
+    b = tf.reverse(a, [0])
+    mixed = tf.cast(b + lam[:, None] * (a - b) + 0.5, tf.uint8)
+    targets = lam[:, None] * targets + (1.0 - lam[:, None]) * tf.reverse(targets, [0])
+    return tf.reshape(mixed, shape), targets
 
 
 def cutmix(images, targets, alpha: float, seed):
@@ -48,11 +48,15 @@ def cutmix(images, targets, alpha: float, seed):
     cx = tf.random.stateless_uniform([], s_x, 0, w, tf.int32)
     y0, y1 = tf.clip_by_value(cy - cut_h // 2, 0, h), tf.clip_by_value(cy + cut_h // 2, 0, h)
     x0, x1 = tf.clip_by_value(cx - cut_w // 2, 0, w), tf.clip_by_value(cx + cut_w // 2, 0, w)
-    ys, xs = tf.range(h)[:, None], tf.range(w)[None, :]
-    box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-    images = tf.where(box[None, :, :, None], images[::-1], images)
+    # Assembled from slices (copies), not a full-batch select.
+    band = images[:, y0:y1]
+    pasted = tf.reverse(band[:, :, x0:x1], [0])
+    band = tf.concat([band[:, :, :x0], pasted, band[:, :, x1:]], axis=2)
+    images = tf.ensure_shape(
+        tf.concat([images[:, :y0], band, images[:, y1:]], axis=1), images.shape
+    )
     lam = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(h * w, tf.float32)
-    targets = lam * targets + (1.0 - lam) * targets[::-1]
+    targets = lam * targets + (1.0 - lam) * tf.reverse(targets, [0])
     return images, targets
 
 
