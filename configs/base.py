@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.depth = ml_collections.FieldReference(None, field_type=float)
     config.model.dropout_rate = ml_collections.FieldReference(None, field_type=float)
     config.model.drop_path_rate = 0.2
+    config.model.depthwise_impl = 'auto'  # auto, xla, unrolled (see efficientnet.layers)
     config.model.compute_dtype = 'bfloat16'  # float32 | bfloat16; params stay float32
     # Examples per BatchNorm statistics group (TPU cross-replica groups in the official recipe,
     # about 1024 of 4096). None: the whole global batch.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 import efficientnet
 from efficientnet import arch
+from efficientnet.layers import DEPTHWISE_IMPLS
 from training.train_step import NORMALIZATIONS
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -80,7 +81,7 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
             dataset_info_fn: Callable[[Any], dict] | None = None) -> RunPlan:
     """Validates ``config`` and derives the run plan; raises ConfigError listing every problem."""
     errors: list[str] = []
-    c, o = config, config.optim
+    c, o, m = config, config.optim, config.model
     try:
         arch.get_variant(c.model.name)
     except ValueError as e:
@@ -91,6 +92,9 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
     _check(errors, c.model.compute_dtype in COMPUTE_DTYPES,
            f'config.model.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, '
            f'got {c.model.compute_dtype!r}')
+    _check(errors, m.depthwise_impl in DEPTHWISE_IMPLS,
+           f'config.model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, '
+           f'got {m.depthwise_impl!r}')
     _check(errors, c.data.normalization in NORMALIZATIONS,
            f'config.data.normalization must be one of {sorted(NORMALIZATIONS)}, '
            f'got {c.data.normalization!r}')
@@ -200,7 +204,7 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
     return efficientnet.EfficientNet(
         variant, num_classes=num_classes, dtype=COMPUTE_DTYPES[m.compute_dtype],
         dropout_rate=m.dropout_rate, drop_path_rate=m.drop_path_rate,
-        bn_group_size=m.bn_group_size)
+        bn_group_size=m.bn_group_size, depthwise_impl=m.depthwise_impl)
 
 
 def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:

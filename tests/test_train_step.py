@@ -1,0 +1,157 @@
+"""The jitted steps on a tiny model: 8 devices == 1 device, float32 loss under bfloat16, exact
+eval counts, and checkpoints restored onto a different mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from training import checkpoint, config_resolve, fake_data, optim, sharding
+from training import state as state_lib
+from training.train_step import make_eval_step, make_train_step
+
+
+def _config(**model):
+    c = smoke.get_config()
+    c.optim.warmup_epochs = 0.0  # a non-zero learning rate on the first step
+    for k, v in model.items():
+        c.model[k] = v
+    return c
+
+
+def _build(config, mesh, fsdp_min_size=2 ** 14):
+    plan = config_resolve.resolve(config, device_count=mesh.size)
+    model = config_resolve.build_model(config, plan.num_classes)
+    schedule = optim.create_learning_rate_schedule(
+        plan.learning_rate, warmup_steps=plan.warmup_steps, decay_steps=plan.decay_steps)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    mask = optim.weight_decay_mask(v['params'], v['batch_stats'])
+    tx = optim.create_optimizer(config.optim, schedule, mask)
+    state, shardings = state_lib.create_train_state(model, tx, 32, jax.random.key(0), mesh,
+                                                    fsdp_min_size)
+    dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
+    step = make_train_step(model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=0,
+                           label_smoothing=0.1, weight_decay=1e-5, weight_decay_mask=mask,
+                           ema_decay=0.99, compute_dtype=dtype)
+    return plan, model, state, shardings, step
+
+
+def _batch(config, step=0):
+    it = fake_data.FakeTrainIterator(config.data, global_batch_size=config.batch_size, seed=0,
+                                     start_step=step)
+    return next(it)
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope='module')
+def eight_device_run():
+    config = _config()
+    mesh = sharding.create_mesh(1)
+    assert mesh.size == 8
+    _, model, state, shardings, step = _build(config, mesh)
+    init_params = _host(state.params)
+    state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
+    return dict(config=config, mesh=mesh, model=model, state=state, shardings=shardings,
+                init_params=init_params, metrics=_host(metrics))
+
+
+def test_eight_devices_equal_one_device(eight_device_run):
+    """Same global batch, bn_group_size=8: params, BN statistics and EMA agree within 1e-5."""
+    r = eight_device_run
+    config = r['config']
+    assert config.model.bn_group_size == 8
+    mesh1 = sharding.create_mesh(1, devices=jax.devices()[:1])
+    _, _, state1, _, step1 = _build(config, mesh1)
+    state1, metrics1 = step1(state1, sharding.global_batch(_batch(config), mesh1))
+    s8, s1 = _host(r['state']), _host(state1)
+    for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(getattr(s8, field))[0],
+                                jax.tree.leaves(getattr(s1, field))):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5,
+                                       err_msg=f'{field}{jax.tree_util.keystr(path)}')
+    np.testing.assert_allclose(r['metrics']['loss'], np.asarray(metrics1['loss']), rtol=1e-5)
+    # The step did move the weights, the statistics and the EMA.
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), s8.params, r['init_params'])
+    assert max(jax.tree.leaves(moved)) > 1e-4
+    assert int(s8.step) == 1
+
+
+def test_loss_stays_float32_under_bfloat16():
+    config = _config(compute_dtype='bfloat16')
+    mesh = sharding.create_mesh(1)
+    plan = config_resolve.resolve(config, device_count=8)
+    model = config_resolve.build_model(config, plan.num_classes)
+    tx = optim.create_optimizer(config.optim, lambda s: 0.1)
+    abstract = state_lib.abstract_train_state(model, tx, 32)
+    shardings = sharding.state_shardings(abstract, mesh)
+    step = make_train_step(model, tx, lambda s: 0.1, mesh=mesh, state_shardings=shardings,
+                           seed=0, compute_dtype=jnp.bfloat16)
+    batch = {'image': jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.uint8),
+             'label': jax.ShapeDtypeStruct((16,), jnp.int32)}
+    new_state, metrics = jax.eval_shape(step, abstract, batch)
+    assert metrics['loss'].dtype == jnp.float32
+    assert metrics['total_loss'].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x), {'params': abstract.params,
+                            'batch_stats': abstract.batch_stats},
+                            jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.bfloat16))
+    assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('num_eval,processes', [(37, 1), (37, 2), (16, 1), (1, 2)])
+def test_fake_eval_masks_sum_to_split_size(num_eval, processes):
+    config = _config()
+    config.data.fake_num_eval = num_eval
+    total = 0
+    for p in range(processes):
+        batches = list(fake_data.create_eval_iterator(
+            config.data, global_batch_size=16, process_index=p, process_count=processes))
+        assert all(b['image'].shape[0] == 16 // processes for b in batches)
+        total += sum(int(b['mask'].sum()) for b in batches)
+    assert total == num_eval
+
+
+def test_eval_counts_every_example_once_on_eight_devices(eight_device_run):
+    r = eight_device_run
+    config = r['config']
+    config.data.fake_num_eval = 37  # 3 batches of 16, the last one 5 real + 11 padding
+    eval_step = make_eval_step(r['model'], mesh=r['mesh'], state_shardings=r['shardings'])
+    outs = [eval_step(r['state'], sharding.global_batch(b, r['mesh']))
+            for b in fake_data.create_eval_iterator(config.data, global_batch_size=16)]
+    raw = {k: sum(int(o['raw'][k]) for o in outs) for k in ('count', 'top1', 'top5')}
+    assert raw['count'] == 37
+    assert int(sum(int(o['ema']['count']) for o in outs)) == 37
+    # The same sums from unpadded, unsharded logits.
+    imgs, labels = [], []
+    for b in fake_data.create_eval_iterator(config.data, global_batch_size=16):
+        imgs.append(b['image'][b['mask']])
+        labels.append(b['label'][b['mask']])
+    x = (np.concatenate(imgs).astype(np.float32) - np.array([123.675, 116.28, 103.53])) / \
+        np.array([58.395, 57.12, 57.375])
+    s = _host(r['state'])
+    logits = r['model'].apply({'params': s.params, 'batch_stats': s.batch_stats},
+                              jnp.asarray(x, jnp.float32))
+    ranks = (np.asarray(logits) > np.take_along_axis(
+        np.asarray(logits), np.concatenate(labels)[:, None], 1)).sum(1)
+    assert raw['top1'] == int((ranks < 1).sum()) and raw['top5'] == int((ranks < 5).sum())
+
+
+def test_checkpoint_restores_onto_a_different_mesh(eight_device_run, tmp_path):
+    r = eight_device_run
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(1, r['state'], data_state=b'{"step": 1}')
+    ckpt.wait()
+    # 4-way data x 2-way fsdp, with every array large enough to be sharded.
+    mesh = sharding.create_mesh(2)
+    abstract = jax.eval_shape(lambda s: s, r['state'])
+    shardings = sharding.state_shardings(abstract, mesh, fsdp_min_size=1)
+    restored, data_state = checkpoint.Checkpointer(str(tmp_path)).restore(abstract, shardings)
+    assert data_state == b'{"step": 1}'
+    kernel = restored.params['stem_conv']['kernel']
+    assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # really sharded over fsdp
+    for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(r['state']))):
+        np.testing.assert_array_equal(a, b)
