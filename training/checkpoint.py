@@ -140,24 +140,19 @@ def load_pretrained(path: str) -> dict[str, Any]:
     if not os.path.isdir(state_dir):
         raise FileNotFoundError(f'init_from={path!r}: neither a weights file nor a checkpoint '
                                 f'(no {state_dir})')
-    with ocp.StandardCheckpointer() as ckptr:
+    state = read_state(state_dir)
+    return {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']}
+
+
+def read_state(state_dir: str) -> dict[str, Any]:
+    """A saved TrainState as a dict of host numpy arrays, whatever mesh or process count saved
+    it (every process reads the whole arrays; meant for weights and tests, not for resuming)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(state_dir)
         tree = getattr(meta, 'item_metadata', meta)
         tree = getattr(tree, 'tree', tree)
-        wanted = {k: tree[k] for k in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats')}
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                              wanted)
-        restored = _restore_subset(state_dir, target)
-    return {'params': restored['ema_params'], 'batch_stats': restored['ema_batch_stats']}
-
-
-def _restore_subset(state_dir: str, target: Any) -> Any:
-    """Restores only the leaves in ``target`` (a dict of subtrees) from a saved state."""
-    handler = ocp.PyTreeCheckpointer()
-    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
-    return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def merge_pretrained(init_tree: Any, pretrained: Any) -> tuple[Any, list[str]]:
