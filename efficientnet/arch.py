@@ -116,8 +116,8 @@ VARIANTS: dict[str, Variant] = _variants()
 # Test-only variants: the real block structure at a fraction of the cost, for fast tests and
 # smoke runs. Reachable by name but not listed by list_models().
 TEST_VARIANTS: dict[str, Variant] = {
-    'efficientnet-tiny': Variant('efficientnet-tiny', 0.25, 0.25, 32, 0.1),
-    'efficientnet-lite-tiny': Variant('efficientnet-lite-tiny', 0.25, 0.25, 32, 0.1, 'lite'),
+    'efficientnet-tiny': Variant('efficientnet-tiny', 0.25, 0.5, 32, 0.1),
+    'efficientnet-lite-tiny': Variant('efficientnet-lite-tiny', 0.25, 0.5, 32, 0.1, 'lite'),
 }
 
 # Short aliases: 'b0' == 'efficientnet-b0', 'lite0' == 'efficientnet-lite0'.
@@ -130,7 +130,7 @@ def list_models() -> list[str]:
 
 
 def get_variant(name: str) -> Variant:
-    """Looks a variant up by canonical name or short alias ('b4', 'lite0'); ValueError if unknown."""
+    """Looks a variant up by name or short alias ('b4', 'lite0'); ValueError if unknown."""
     if not isinstance(name, str):
         raise TypeError(f'model name must be a string, got {type(name).__name__}')
     key = name.strip().lower().replace('_', '-')
