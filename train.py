@@ -199,63 +199,69 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         flush()  # never checkpoint a state that followed a non-finite loss
         ckpt.save(step, state, batches.state_before(step))
 
-    with _Preemption() as preemption:
-        logging.info('training from step %d to %d (%d images per step, %d devices, %d '
-                     'processes)', step, total, plan.micro_batch, plan.device_count,
-                     plan.process_count)
-        while step < total:
-            if preemption.reached(step):
-                logging.warning('preemption requested: saving at step %d and exiting', step)
-                save(step)
-                ckpt.wait()
-                ckpt.close()
-                writer.flush()
-                return {'preempted_at_step': step, **last_eval}
-            if config.profile.start_step >= 0:
-                if step == config.profile.start_step and not tracing:
-                    jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-                    tracing = True
-                elif tracing and step >= config.profile.start_step + config.profile.num_steps:
-                    jax.profiler.stop_trace()
-                    tracing = False
-            state, metrics = train_step(state, batches.next())
-            step += 1
-            pending.append((step, metrics))
-            if first_step_time is None:
-                jax.block_until_ready(metrics)
-                first_step_time = time.time() - t_start
-                logging.info('first step done %.1fs after the start (compilation included)',
-                             first_step_time)
-                t_log, steps_at_log = time.time(), step
-            if step % config.log_every_steps == 0 or step == total:
-                scalars = flush()
-                now = time.time()
-                dt = (now - t_log) / max(step - steps_at_log, 1)
-                t_log, steps_at_log = now, step
-                scalars.update({'train/images_per_sec': plan.micro_batch / dt,
-                                'train/step_time_ms': 1000 * dt,
-                                'train/epoch': step / plan.grad_accum_steps / plan.steps_per_epoch})
-                scalars = {k if '/' in k else f'train/{k}': v for k, v in scalars.items()}
-                writer.write_scalars(step, scalars)
-                logging.info(
-                    'step %d/%d (%.1f%%) epoch %.2f | loss %.4f top1 %.3f lr %.5f grad_norm %.3f'
-                    ' | %.1f img/s %.0f ms/step | ETA %s', step, total, 100 * step / total,
-                    scalars['train/epoch'], scalars['train/loss'], scalars['train/top1'],
-                    scalars['train/learning_rate'], scalars['train/grad_norm'],
-                    scalars['train/images_per_sec'], scalars['train/step_time_ms'],
-                    _format_eta(dt * (total - step)))
-            if is_ckpt_step(step):
-                save(step)
-            if step % plan.eval_every_micro_steps == 0 or step == total:
-                last_eval = evaluate(eval_step, state, config, plan, mesh)
-                writer.write_scalars(step, last_eval)
-                logging.info('eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
-                             'loss %.4f (EMA %.4f) on %d examples', step,
-                             last_eval['eval/raw_top1'], last_eval['eval/ema_top1'],
-                             last_eval['eval/raw_top5'], last_eval['eval/ema_top5'],
-                             last_eval['eval/raw_loss'], last_eval['eval/ema_loss'],
-                             plan.num_eval)
-                ckpt.save_best(step, state, last_eval['eval/ema_top1'])
+    try:
+        with _Preemption() as preemption:
+            logging.info('training from step %d to %d (%d images per step, %d devices, %d '
+                         'processes)', step, total, plan.micro_batch, plan.device_count,
+                         plan.process_count)
+            while step < total:
+                if preemption.reached(step):
+                    logging.warning('preemption requested: saving at step %d and exiting', step)
+                    save(step)
+                    ckpt.wait()
+                    ckpt.close()
+                    writer.flush()
+                    return {'preempted_at_step': step, **last_eval}
+                if config.profile.start_step >= 0:
+                    if step == config.profile.start_step and not tracing:
+                        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+                        tracing = True
+                    elif tracing and step >= config.profile.start_step + config.profile.num_steps:
+                        jax.profiler.stop_trace()
+                        tracing = False
+                state, metrics = train_step(state, batches.next())
+                step += 1
+                pending.append((step, metrics))
+                if first_step_time is None:
+                    jax.block_until_ready(metrics)
+                    first_step_time = time.time() - t_start
+                    logging.info('first step done %.1fs after the start (compilation included)',
+                                 first_step_time)
+                    t_log, steps_at_log = time.time(), step
+                if step % config.log_every_steps == 0 or step == total:
+                    scalars = flush()
+                    now = time.time()
+                    dt = (now - t_log) / max(step - steps_at_log, 1)
+                    t_log, steps_at_log = now, step
+                    epoch = step / plan.grad_accum_steps / plan.steps_per_epoch
+                    scalars.update({'train/images_per_sec': plan.micro_batch / dt,
+                                    'train/step_time_ms': 1000 * dt, 'train/epoch': epoch})
+                    scalars = {k if '/' in k else f'train/{k}': v for k, v in scalars.items()}
+                    writer.write_scalars(step, scalars)
+                    logging.info(
+                        'step %d/%d (%.1f%%) epoch %.2f | loss %.4f top1 %.3f lr %.5f '
+                        'grad_norm %.3f | %.1f img/s %.0f ms/step | ETA %s', step, total,
+                        100 * step / total,
+                        scalars['train/epoch'], scalars['train/loss'], scalars['train/top1'],
+                        scalars['train/learning_rate'], scalars['train/grad_norm'],
+                        scalars['train/images_per_sec'], scalars['train/step_time_ms'],
+                        _format_eta(dt * (total - step)))
+                if is_ckpt_step(step):
+                    save(step)
+                if step % plan.eval_every_micro_steps == 0 or step == total:
+                    last_eval = evaluate(eval_step, state, config, plan, mesh)
+                    writer.write_scalars(step, last_eval)
+                    logging.info('eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
+                                 'loss %.4f (EMA %.4f) on %d examples', step,
+                                 last_eval['eval/raw_top1'], last_eval['eval/ema_top1'],
+                                 last_eval['eval/raw_top5'], last_eval['eval/ema_top5'],
+                                 last_eval['eval/raw_loss'], last_eval['eval/ema_loss'],
+                                 plan.num_eval)
+                    ckpt.save_best(step, state, last_eval['eval/ema_top1'])
+    except BaseException:
+        ckpt.wait()  # let in-flight saves finish; the last good checkpoint stays intact
+        ckpt.close()
+        raise
     if tracing:
         jax.profiler.stop_trace()
     if not last_eval:  # resumed a finished run: evaluate what was restored
