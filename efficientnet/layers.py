@@ -5,6 +5,7 @@ statistics groups.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,10 +120,12 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
         return jax.lax.conv_general_dilated(
             x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
             feature_group_count=x.shape[-1])
-    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    out_h = (xp.shape[1] - k) // stride + 1
-    out_w = (xp.shape[2] - k) // stride + 1
-    taps = kernel[:, :, 0, :]
+    return _depthwise_unrolled(x, kernel, stride, tuple(pads))
+
+
+def _shift_sum(xp: Array, taps: Array, stride: int, out_h: int, out_w: int) -> Array:
+    """sum_ij xp[:, i + s*y, j + s*x, :] * taps[i, j] over the k*k taps."""
+    k = taps.shape[0]
     out = None
     for i in range(k):
         for j in range(k):
@@ -134,6 +137,51 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
             term = patch * taps[i, j]
             out = term if out is None else out + term
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_unrolled(x: Array, kernel: Array, stride: int, pads: tuple) -> Array:
+    return _depthwise_unrolled_fwd(x, kernel, stride, pads)[0]
+
+
+def _depthwise_unrolled_fwd(x, kernel, stride, pads):
+    k = kernel.shape[0]
+    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    # Materialise the padded input once: otherwise XLA fuses its producer (BN, swish) into each
+    # of the k*k slices and recomputes it k*k times.
+    xp = jax.lax.optimization_barrier(xp)
+    out_h = (xp.shape[1] - k) // stride + 1
+    out_w = (xp.shape[2] - k) // stride + 1
+    return _shift_sum(xp, kernel[:, :, 0, :], stride, out_h, out_w), (xp, kernel)
+
+
+def _depthwise_unrolled_bwd(stride, pads, res, g):
+    """The input gradient is itself a depthwise correlation: of the stride-dilated, (k-1)-padded
+    output gradient with the flipped kernel. Written so, it is one more shift-and-multiply pass
+    instead of k*k scattered pads that XLA's CPU backend handles poorly."""
+    xp, kernel = res
+    k = kernel.shape[0]
+    n, hp, wp, c = xp.shape
+    g = jax.lax.optimization_barrier(g)
+    gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                     [(0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1),
+                      (0, 0, 0)])
+    span_h, span_w = gd.shape[1] - k + 1, gd.shape[2] - k + 1
+    dxp = _shift_sum(gd, kernel[::-1, ::-1, 0, :], 1, span_h, span_w)
+    # Rows/columns of xp beyond the last window (possible when stride > 1) get no gradient.
+    dxp = jnp.pad(dxp, [(0, 0), (0, hp - span_h), (0, wp - span_w), (0, 0)])
+    dx = dxp[:, pads[0][0]:hp - pads[0][1], pads[1][0]:wp - pads[1][1], :]
+    out_h, out_w = g.shape[1], g.shape[2]
+    dk = jnp.stack([
+        jnp.stack([
+            jnp.sum(jax.lax.slice(xp, (0, i, j, 0),
+                                  (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                                   c), (1, stride, stride, 1)) * g, axis=(0, 1, 2))
+            for j in range(k)]) for i in range(k)])[:, :, None, :]
+    return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_unrolled.defvjp(_depthwise_unrolled_fwd, _depthwise_unrolled_bwd)
 
 
 class DepthwiseConv2D(nn.Module):
