@@ -28,8 +28,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-quickstart: setup
-	$(BIN)/python -m efficientnet.summary
+# Trains configs/quickstart.py on Fashion-MNIST (offline, CPU); the last line is the test top-1.
+QUICKSTART_WORKDIR ?= workdirs/quickstart
+quickstart: data setup
+	$(BIN)/python train.py --config=configs/quickstart.py --workdir=$(QUICKSTART_WORKDIR)
 
 summary: setup
 	$(BIN)/python -m efficientnet.summary
