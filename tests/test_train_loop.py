@@ -107,21 +107,27 @@ def _free_port():
 def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
     """Two processes with 4 CPU devices each, through jax.distributed on 127.0.0.1, end with
     the parameters of one process with 8 devices (same global batches)."""
-    workdir = str(tmp_path)
+    workdir = str(tmp_path / 'run')
     port = _free_port()
     e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-    procs = [subprocess.Popen(
-        _cmd(workdir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-             f'--process_id={i}'), env=e, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = []
+    # Output goes to files, not pipes: a process blocked on a full pipe while the other waits
+    # for it at a barrier would deadlock until the coordination service aborts both.
+    logs = [(tmp_path / f'p{i}.out', tmp_path / f'p{i}.err') for i in range(2)]
+    procs = []
+    for i, (out_path, err_path) in enumerate(logs):
+        with open(out_path, 'w') as out_f, open(err_path, 'w') as err_f:
+            procs.append(subprocess.Popen(
+                _cmd(workdir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                     f'--process_id={i}'), env=e, cwd=ROOT, stdout=out_f, stderr=err_f,
+                text=True))
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=480))
+            p.wait(timeout=480)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    outs = [(o.read_text(), r.read_text()) for o, r in logs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, f'{out[-2000:]}\n{err[-6000:]}'
     # gloo may print to stdout: look for our line, not at a fixed position.
