@@ -86,11 +86,14 @@ class Conv2D(nn.Module):
     def __call__(self, x: Array) -> Array:
         k = self.param('kernel', conv_kernel_init,
                        (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
-        pads = [(0, 0), (0, 0)] if self.kernel == 1 else _pads(x, self.kernel, self.stride,
-                                                               self.padding)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride), pads,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        if self.kernel == 1 and self.stride == 1:
+            # A pointwise conv is a matmul over channels; as a dot XLA uses its GEMM path.
+            y = jnp.dot(x.astype(self.dtype), k[0, 0].astype(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
+                _pads(x, self.kernel, self.stride, self.padding),
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
         if self.use_bias:
             b = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + b.astype(self.dtype)
