@@ -14,7 +14,6 @@ from efficientnet.layers import (
     Conv2D,
     DepthwiseConv2D,
     activation_fn,
-    conv_kernel_init,
     dense_kernel_init,
 )
 
@@ -155,4 +154,4 @@ class EfficientNet(nn.Module):
         return x
 
 
-__all__ = ['EfficientNet', 'MBConv', 'SqueezeExcite', 'drop_path', 'conv_kernel_init']
+__all__ = ['EfficientNet', 'MBConv', 'SqueezeExcite', 'drop_path']
