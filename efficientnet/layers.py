@@ -202,6 +202,41 @@ class DepthwiseConv2D(nn.Module):
                               self.padding, self.impl)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(xf: Array, scale: Array, bias: Array, epsilon: float):
+    """Normalises (groups, group_size, ..., C) by each group's statistics; returns the output and
+    the (biased) group means and variances. Its hand-written backward pass is two reductions and
+    one elementwise pass: XLA's CPU backend runs the autodiff version about 6x slower."""
+    return _batch_norm_train_fwd(xf, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(xf, scale, bias, epsilon):
+    axes = tuple(range(1, xf.ndim - 1))
+    mean = jnp.mean(xf, axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (xf - mean) * (inv * scale) + bias
+    return (y, mean, var), (xf, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(epsilon, res, cts):
+    del epsilon
+    xf, mean, inv, scale = res
+    gy = cts[0]  # the statistics feed only the moving averages, never the loss
+    axes = tuple(range(1, xf.ndim - 1))
+    xhat = (xf - mean) * inv
+    g_mean = jnp.mean(gy, axes, keepdims=True)
+    gx_mean = jnp.mean(gy * xhat, axes, keepdims=True)
+    dx = (gy - g_mean - xhat * gx_mean) * (inv * scale)
+    all_axes = (0, *axes)
+    dscale = jnp.sum(gy * xhat, all_axes).reshape(scale.shape)
+    dbias = jnp.sum(gy, all_axes).reshape(scale.shape)
+    return dx, dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (RECIPE 3).
 
@@ -235,12 +270,9 @@ class BatchNorm(nn.Module):
         if n % g:
             raise ValueError(f'batch of {n} does not split into BatchNorm groups of {g}')
         xf = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
-        axes = tuple(range(1, xf.ndim - 1))
-        mean = jnp.mean(xf, axes, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+        y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon)
         if not self.is_initializing():
             m = self.momentum
             ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0).reshape(c)
             ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=0).reshape(c)
-        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.reshape(x.shape).astype(self.dtype)

@@ -328,6 +328,35 @@ def test_batchnorm_matches_keras():
                                rtol=1e-4, atol=1e-4)
 
 
+def test_batchnorm_gradients_match_tensorflow():
+    """The hand-written BatchNorm backward pass against TensorFlow's autodiff of Keras's layer."""
+    keras = pytest.importorskip('keras')
+    tf = pytest.importorskip('tensorflow')
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, size=(6, 4, 4, 5)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)  # a loss that weights every output
+    gamma, beta = rng.normal(size=5).astype(np.float32), rng.normal(size=5).astype(np.float32)
+    ref = keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3)
+    ref.build(x.shape)
+    ref.set_weights([gamma, beta, np.zeros(5, np.float32), np.ones(5, np.float32)])
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(tf.sin(ref(xt, training=True)) * w)
+    gx_ref, gg_ref, gb_ref = tape.gradient(loss, [xt, ref.gamma, ref.beta])
+
+    def ours(x, scale, bias):
+        v = {'params': {'scale': scale, 'bias': bias},
+             'batch_stats': {'mean': jnp.zeros(5), 'var': jnp.ones(5)}}
+        y, _ = layers.BatchNorm(use_running_average=False).apply(v, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * w)
+
+    gx, gg, gb = jax.grad(ours, argnums=(0, 1, 2))(x, gamma, beta)
+    np.testing.assert_allclose(gx, gx_ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gg, gg_ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gb, gb_ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_groups():
     x = jax.random.normal(jax.random.key(0), (8, 3, 3, 5)) * 2 + 1
     v = layers.BatchNorm(use_running_average=False).init(jax.random.key(1), x)
@@ -340,6 +369,17 @@ def test_batchnorm_groups():
     np.testing.assert_allclose(upd['batch_stats']['mean'],
                                (ua['batch_stats']['mean'] + ub['batch_stats']['mean']) / 2,
                                rtol=1e-6)
+    # Gradients of the grouped layer equal those of each group normalised on its own.
+    w = jax.random.normal(jax.random.key(2), x.shape)
+    loss = lambda bn, x: jnp.sum(bn.apply(v, x, mutable=['batch_stats'])[0] * w[:len(x)])
+    g_grouped = jax.grad(loss, argnums=1)(
+        layers.BatchNorm(use_running_average=False, group_size=4), x)
+    whole_bn = layers.BatchNorm(use_running_average=False)
+    g_a = jax.grad(lambda x: jnp.sum(whole_bn.apply(v, x, mutable=['batch_stats'])[0] * w[:4]))(
+        x[:4])
+    g_b = jax.grad(lambda x: jnp.sum(whole_bn.apply(v, x, mutable=['batch_stats'])[0] * w[4:]))(
+        x[4:])
+    np.testing.assert_allclose(g_grouped, np.concatenate([g_a, g_b]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match='groups of 3'):
         layers.BatchNorm(use_running_average=False, group_size=3).apply(
             v, x, mutable=['batch_stats'])
