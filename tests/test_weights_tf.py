@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from efficientnet import create_model
 from efficientnet.weights import WeightsMismatchError, from_tf_checkpoint
+from tests.test_weights_keras import randomise
 
 SCOPE = 'efficientnet-b0'
 RES = 64
@@ -69,15 +70,7 @@ def write_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> str:
 def keras_oracle() -> keras.Model:
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(RES, RES, 3),
                                               classifier_activation=None)
-    rng = np.random.default_rng(7)
-    for layer in model.layers:  # non-trivial BatchNorm statistics and biases
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
-                               rng.normal(0.0, 0.2, c), rng.uniform(0.5, 2.0, c)])
-        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.use_bias:
-            kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, rng.normal(0.0, 0.1, bias.shape)])
+    randomise(model, 7)  # non-trivial BatchNorm statistics and biases
     return model
 
 
