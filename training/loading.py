@@ -1,0 +1,450 @@
+"""One entry point for every kind of weights this project reads, ready for inference.
+
+    loaded = load_model('/ckpt/b0')                         # a training workdir (EMA, best step)
+    loaded = load_model('b3.msgpack')                       # python -m efficientnet.weights output
+    loaded = load_model('efficientnet-b0-355c32eb.pth', model='b0')   # efficientnet_pytorch
+    loaded = load_model('efficientnetb3.h5', model='b3')              # keras.applications
+    loaded = load_model('efficientnet-b4/', model='b4')               # official TF checkpoint
+    logits = loaded.logits(uint8_images)                    # [N, S, S, 3] on [0, 255]
+
+A ``LoadedModel`` carries what evaluation needs besides the weights: the resolution, the eval
+crop fraction, the interpolation and the input normalisation the weights were trained with.
+For a workdir these come from its ``config.json``; for published weights from the variant
+(RECIPE section 5: ImageNet mean/std and bicubic for B0-B7, (x - 127) / 128 and bilinear for
+Lite; AdvProp checkpoints need ``normalization='advprop'``, which no file records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import efficientnet
+from efficientnet import arch
+
+FORMATS = ('workdir', 'msgpack', 'keras', 'torch', 'tf')
+_KERAS_SUFFIXES = ('.h5', '.keras')
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+_MSGPACK_SUFFIXES = ('.msgpack',)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with its weights and the eval preprocessing that goes with them."""
+
+    name: str  # variant name, e.g. 'efficientnet-b0' (custom widths: '...-w0.25-d0.25')
+    model: Any  # the flax EfficientNet module (float32 compute, inference)
+    variables: dict  # {'params': ..., 'batch_stats': ...} as numpy arrays
+    num_classes: int
+    resolution: int
+    crop_fraction: float | None  # None means S / (S + 32) (the pipeline's convention)
+    normalization: str  # 'imagenet' | 'advprop' | 'lite' (training.train_step.normalize_images)
+    interpolation: str  # 'bicubic' | 'bilinear'
+    source: str = ''  # what was loaded, for messages
+    format: str = ''  # one of FORMATS
+    data_config: dict | None = None  # a workdir's config.data (class names, dataset), else None
+    step: int | None = None  # a workdir's checkpoint step
+
+    def __post_init__(self) -> None:
+        self._apply = None
+
+    def logits(self, images: Any) -> np.ndarray:
+        """float32 logits [N, num_classes] (pooled features when num_classes is 0) of NHWC
+        images on [0, 255] (uint8 or float), normalised as the weights expect; jitted."""
+        if self._apply is None:
+            from training.train_step import normalize_images
+
+            model, normalization = self.model, self.normalization
+
+            def apply(variables, x):
+                x = normalize_images(x, normalization, jnp.float32)
+                return model.apply(variables, x, train=False)
+
+            self._apply = jax.jit(apply)
+        return np.asarray(self._apply(self.variables, images))
+
+    @property
+    def effective_crop_fraction(self) -> float:
+        if self.crop_fraction is not None:
+            return float(self.crop_fraction)
+        return self.resolution / (self.resolution + arch.CROP_PADDING)
+
+
+def detect_format(source: str) -> str:
+    """The format of ``source`` from its suffix and what the path holds; ValueError if none."""
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, 'config.json')) or _is_step_dir(path):
+            return 'workdir'
+        names = os.listdir(path)
+        if 'checkpoint' in names or any(n.endswith('.index') for n in names):
+            return 'tf'
+        if any(n in names for n in ('checkpoints', 'best')):
+            return 'workdir'
+        raise ValueError(
+            f'{path} is a directory but neither a training workdir (no '
+            'config.json) nor a TensorFlow checkpoint directory (no .index file)'
+        )
+    if not os.path.exists(path) and os.path.exists(path + '.index'):
+        return 'tf'  # a checkpoint prefix such as efficientnet-b0/model.ckpt
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'weights not found: {path} (no such file or directory)')
+    lower = path.lower()
+    if lower.endswith(_MSGPACK_SUFFIXES):
+        return 'msgpack'
+    if lower.endswith(_KERAS_SUFFIXES):
+        return 'keras'
+    if lower.endswith(_TORCH_SUFFIXES):
+        return 'torch'
+    if lower.endswith('.index'):
+        return 'tf'
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.startswith(b'\x89HDF'):
+        return 'keras'
+    if head.startswith(b'PK'):  # torch.save writes a zip archive
+        return 'torch'
+    if b'format_version' in head or b'model' in head:
+        return 'msgpack'
+    raise ValueError(
+        f'cannot tell the format of {path}; pass fmt= one of {", ".join(FORMATS)} '
+        '(suffixes: .msgpack, .h5/.keras, .pth/.pt, a TF checkpoint prefix)'
+    )
+
+
+def load_model(
+    source: str,
+    *,
+    model: str | None = None,
+    fmt: str = 'auto',
+    use_ema: bool = True,
+    num_classes: int | None = None,
+    depthwise_impl: str = 'auto',
+    normalization: str | None = None,
+) -> LoadedModel:
+    """Loads ``source`` (see the module docstring) for float32 inference.
+
+    ``model`` names the variant; it is required for keras/torch/tf weights and, for a workdir
+    or msgpack file, must agree with the name stored there. ``use_ema`` picks the EMA weights of
+    a workdir or TF checkpoint. ``num_classes`` defaults to the class count of the stored
+    classifier (0 when the weights have none: the model then returns pooled features).
+    ``normalization`` overrides the input normalisation (e.g. 'advprop' for AdvProp weights).
+    """
+    source = os.fspath(source)
+    if fmt == 'auto':
+        fmt = detect_format(source)
+    elif fmt not in FORMATS:
+        raise ValueError(
+            f'unknown weights format {fmt!r}; expected auto or one of {", ".join(FORMATS)}'
+        )
+    elif not (os.path.exists(source) or (fmt == 'tf' and os.path.exists(source + '.index'))):
+        raise FileNotFoundError(f'weights not found: {source} (no such file or directory)')
+    if depthwise_impl not in efficientnet.DEPTHWISE_IMPLS:
+        raise ValueError(
+            f'depthwise_impl must be one of {efficientnet.DEPTHWISE_IMPLS}, got {depthwise_impl!r}'
+        )
+    if fmt != 'workdir' and fmt != 'msgpack' and not model:
+        raise ValueError(
+            f'{fmt} weights do not record which variant they are: pass the model '
+            f'name (e.g. model="efficientnet-b0") to load {source}'
+        )
+    if model is not None:
+        arch.get_variant(model)  # a clear error for an unknown name, before any reading
+    loaders = {
+        'workdir': _load_workdir,
+        'msgpack': _load_msgpack,
+        'keras': _load_published,
+        'torch': _load_published,
+        'tf': _load_published,
+    }
+    what = f'{fmt} weights {source}' + (f' as {model}' if model else '')
+    try:
+        loaded = loaders[fmt](
+            source,
+            fmt=fmt,
+            model=model,
+            use_ema=use_ema,
+            num_classes=num_classes,
+            depthwise_impl=depthwise_impl,
+        )
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise _prefixed(e, f'loading {what}: ') from e
+    if normalization is not None:
+        from training.train_step import NORMALIZATIONS
+
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f'normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}'
+            )
+        loaded.normalization = normalization
+    _check_fits(loaded, what)
+    return loaded
+
+
+# ------------------------------------------------------------------------------------ formats
+
+
+def _load_workdir(
+    source: str,
+    *,
+    fmt: str,
+    model: str | None,
+    use_ema: bool,
+    num_classes: int | None,
+    depthwise_impl: str,
+) -> LoadedModel:
+    import ml_collections
+
+    from training import checkpoint, config_resolve
+
+    workdir, step_dir = _workdir_and_step(source)
+    config_path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f'{config_path} not found: {source} is not a training workdir '
+            '(train.py writes config.json there)'
+        )
+    with open(config_path) as f:
+        saved = json.load(f)
+    config = ml_collections.ConfigDict(saved['config'])
+    stored = arch.get_variant(config.model.name).name
+    if model is not None and arch.get_variant(model).name != stored:
+        raise ValueError(
+            f'model={model!r} but the workdir trained {stored} '
+            f'(config.json); leave model out or name {stored}'
+        )
+    classes = int(saved.get('derived', {}).get('num_classes', config.data.num_classes))
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(f'num_classes={num_classes} but the workdir trained {classes} classes')
+    if step_dir is None:
+        step_dir = _newest_step(os.path.join(workdir, 'best'))
+        step_dir = step_dir or _newest_step(os.path.join(workdir, 'checkpoints'))
+    if step_dir is None:
+        raise FileNotFoundError(
+            f'{workdir} holds no finished checkpoint (looked in best/ and checkpoints/)'
+        )
+    state = checkpoint.read_state(os.path.join(step_dir, 'state'))
+    prefix = 'ema_' if use_ema else ''
+    variables = {
+        'params': state[prefix + 'params'],
+        'batch_stats': state.get(prefix + 'batch_stats', {}),
+    }
+    # Inference build: float32, no BatchNorm groups (train=False uses the moving statistics).
+    with config.unlocked():
+        config.model.compute_dtype = 'float32'
+        config.model.bn_group_size = None
+        config.model.depthwise_impl = depthwise_impl
+    module = config_resolve.build_model(config, classes)
+    d = config.data
+    return LoadedModel(
+        name=module.variant.name,
+        model=module,
+        variables=_numpy(variables),
+        num_classes=classes,
+        resolution=int(d.resolution),
+        crop_fraction=d.get('crop_fraction'),
+        normalization=d.get('normalization', 'imagenet'),
+        interpolation=d.get('interpolation', 'bicubic'),
+        source=source,
+        format=fmt,
+        data_config=d.to_dict(),
+        step=int(os.path.basename(step_dir)),
+    )
+
+
+def _load_msgpack(
+    source: str,
+    *,
+    fmt: str,
+    model: str | None,
+    use_ema: bool,
+    num_classes: int | None,
+    depthwise_impl: str,
+) -> LoadedModel:
+    from efficientnet import weights
+
+    stored, variables = weights.load_variables(source)
+    stored = arch.get_variant(stored).name
+    if model is not None and arch.get_variant(model).name != stored:
+        raise ValueError(
+            f'model={model!r} but the file holds {stored} weights; leave model out or name {stored}'
+        )
+    classes = _classifier_classes(variables.get('params', {}))
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(f"num_classes={num_classes} but the file's classifier has {classes}")
+    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    return _published(stored, variables, classes, depthwise_impl, source, fmt)
+
+
+def _load_published(
+    source: str,
+    *,
+    fmt: str,
+    model: str | None,
+    use_ema: bool,
+    num_classes: int | None,
+    depthwise_impl: str,
+) -> LoadedModel:
+    from efficientnet import weights
+
+    name = arch.get_variant(model).name
+    if fmt == 'torch':
+        import torch
+
+        # weights_only: tensors and plain containers only; never unpickle arbitrary objects.
+        state = torch.load(source, map_location='cpu', weights_only=True)
+        classes = _torch_classes(state) if num_classes is None else num_classes
+        variables = weights.from_torch(
+            state, name, num_classes=max(classes, 1), skip_head=classes == 0
+        )
+    elif fmt == 'keras':
+        from efficientnet.weights import keras_app
+
+        keras_model = keras_app.load_keras_file(source, name)
+        top = any(layer.name == 'predictions' for layer in keras_model.layers)
+        classes = int(keras_model.output_shape[-1]) if top else 0
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f'num_classes={num_classes} but the Keras model has {classes}')
+        variables = weights.from_keras(
+            keras_model, name, num_classes=max(classes, 1), skip_head=classes == 0
+        )
+    else:
+        classes = _tf_classes(source) if num_classes is None else num_classes
+        variables = weights.from_tf_checkpoint(
+            source, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
+        )
+    return _published(name, variables, classes, depthwise_impl, source, fmt)
+
+
+def _published(
+    name: str, variables: dict, num_classes: int, depthwise_impl: str, source: str, fmt: str
+) -> LoadedModel:
+    """Published or converted weights: the variant's own resolution and official eval
+    preprocessing. efficientnet_pytorch pads like TF SAME, so every format uses 'same'."""
+    variant = arch.get_variant(name)
+    module = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl=depthwise_impl)
+    return LoadedModel(
+        name=variant.name,
+        model=module,
+        variables=_numpy(variables),
+        num_classes=num_classes,
+        resolution=variant.resolution,
+        crop_fraction=None,
+        normalization='lite' if variant.is_lite else 'imagenet',
+        interpolation='bilinear' if variant.is_lite else 'bicubic',
+        source=source,
+        format=fmt,
+    )
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _is_step_dir(path: str) -> bool:
+    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
+        os.path.join(path, 'state')
+    )
+
+
+def _workdir_and_step(source: str) -> tuple[str, str | None]:
+    """A workdir, or one of its step directories (workdir/{checkpoints,best}/<step>)."""
+    path = os.path.abspath(source)
+    if _is_step_dir(path):
+        return os.path.dirname(os.path.dirname(path)), path
+    return path, None
+
+
+def _newest_step(root: str) -> str | None:
+    if not os.path.isdir(root):
+        return None
+    steps = [
+        int(n)
+        for n in os.listdir(root)
+        if n.isdigit() and os.path.isdir(os.path.join(root, n, 'state'))
+    ]
+    return os.path.join(root, str(max(steps))) if steps else None
+
+
+def _classifier_classes(params: Mapping) -> int:
+    kernel = params.get('classifier', {}).get('kernel') if isinstance(params, Mapping) else None
+    return 0 if kernel is None else int(np.shape(kernel)[-1])
+
+
+def _torch_classes(state: Any) -> int:
+    """Rows of the '_fc.weight' tensor anywhere in a (possibly wrapped) state dict; 0 if none."""
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            if str(key).endswith('_fc.weight') and hasattr(value, 'shape'):
+                return int(value.shape[0])
+        for value in state.values():
+            if isinstance(value, Mapping):
+                found = _torch_classes(value)
+                if found:
+                    return found
+    return 0
+
+
+def _tf_classes(path: str) -> int:
+    import tensorflow as tf
+
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except (ValueError, tf.errors.OpError) as e:
+        raise ValueError(f'cannot read a TensorFlow checkpoint at {path}: {e}') from e
+    for name, shape in reader.get_variable_to_shape_map().items():
+        if name.endswith('head/dense/kernel'):
+            return int(shape[-1])
+    return 0
+
+
+def _numpy(tree: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def _check_fits(loaded: LoadedModel, what: str) -> None:
+    """Every tensor of the module present with its shape, nothing extra (one clear error)."""
+    from efficientnet.weights import WeightsMismatchError
+
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    expected = jax.eval_shape(loaded.model.init, jax.random.key(0), x)
+    want = {
+        jax.tree_util.keystr(p): tuple(v.shape)
+        for p, v in jax.tree_util.tree_flatten_with_path(dict(expected))[0]
+    }
+    have = {
+        jax.tree_util.keystr(p): tuple(np.shape(v))
+        for p, v in jax.tree_util.tree_flatten_with_path(loaded.variables)[0]
+    }
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or wrong:
+        parts = [
+            f'{len(v)} {k}: {", ".join(v[:3])}'
+            for k, v in (
+                ('missing', missing),
+                ('unexpected', extra),
+                ('misshapen', [f'{k} {have[k]} != {want[k]}' for k in wrong]),
+            )
+            if v
+        ]
+        raise WeightsMismatchError(
+            f'loading {what}: the weights do not fit {loaded.name}: ' + '; '.join(parts)
+        )
+
+
+def _prefixed(error: ValueError, prefix: str) -> ValueError:
+    """The same error type with ``prefix`` before its message (falls back to ValueError)."""
+    try:
+        return type(error)(prefix + str(error))
+    except TypeError:
+        return ValueError(prefix + str(error))
