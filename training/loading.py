@@ -53,22 +53,31 @@ class LoadedModel:
     step: int | None = None  # a workdir's checkpoint step
 
     def __post_init__(self) -> None:
-        self._apply = None
+        self._jitted: dict[str, Any] = {}
+        self._device_variables = None
 
-    def logits(self, images: Any) -> np.ndarray:
-        """float32 logits [N, num_classes] (pooled features when num_classes is 0) of NHWC
-        images on [0, 255] (uint8 or float), normalised as the weights expect; jitted."""
-        if self._apply is None:
+    def apply_fn(self) -> Any:
+        """The jitted ``f(variables, images) -> logits``: normalises [0, 255] NHWC images as the
+        weights expect, then applies the model with ``train=False``. Jit follows the arguments'
+        shardings, so a caller may pass a batch split over devices and replicated variables."""
+        if self.normalization not in self._jitted:
             from training.train_step import normalize_images
 
             model, normalization = self.model, self.normalization
 
-            def apply(variables, x):
-                x = normalize_images(x, normalization, jnp.float32)
+            def apply(variables, images):
+                x = normalize_images(images, normalization, jnp.float32)
                 return model.apply(variables, x, train=False)
 
-            self._apply = jax.jit(apply)
-        return np.asarray(self._apply(self.variables, images))
+            self._jitted[normalization] = jax.jit(apply)
+        return self._jitted[self.normalization]
+
+    def logits(self, images: Any) -> np.ndarray:
+        """float32 logits [N, num_classes] (pooled features when num_classes is 0) of NHWC
+        images on [0, 255] (uint8 or float), normalised as the weights expect; jitted."""
+        if self._device_variables is None:  # moved to the device once, not on every call
+            self._device_variables = jax.device_put(self.variables)
+        return np.asarray(self.apply_fn()(self._device_variables, images))
 
     @property
     def effective_crop_fraction(self) -> float:
@@ -448,3 +457,47 @@ def _prefixed(error: ValueError, prefix: str) -> ValueError:
         return type(error)(prefix + str(error))
     except TypeError:
         return ValueError(prefix + str(error))
+
+
+# ------------------------------------------------------------------------------- class names
+
+FASHION_MNIST_CLASSES = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
+)  # fmt: skip
+
+
+def class_names(loaded: LoadedModel) -> list[str]:
+    """Names for the model's classes: the ImageNet-1k names for 1000-class weights trained on
+    ImageNet (every published checkpoint), a workdir's dataset classes where they can be found
+    (an image folder's sorted subfolders, Fashion-MNIST, a prepared tfds dataset's label names),
+    else 'class_<i>'."""
+    n = loaded.num_classes
+    data = loaded.data_config or {}
+    name = str(data.get('name') or 'imagenet2012')
+    names: list[str] | None = None
+    if name.split(':')[0] == 'imagenet2012' and n == 1000:
+        from efficientnet.classes import imagenet_class_names
+
+        names = imagenet_class_names()
+    elif name == 'folder':
+        root = data.get('folder')
+        if root and os.path.isdir(root):
+            names = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    elif name.split(':')[0] == 'fashion_mnist':
+        names = list(FASHION_MNIST_CLASSES)
+    elif name not in ('fake',):
+        names = _tfds_label_names(name, data.get('data_dir'), data.get('label_key', 'label'))
+    if names is None or len(names) != n:
+        return [f'class_{i}' for i in range(n)]
+    return names
+
+
+def _tfds_label_names(name: str, data_dir: str | None, label_key: str) -> list[str] | None:
+    try:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name, data_dir=data_dir)
+        return list(builder.info.features[label_key].names)
+    except Exception:  # noqa: BLE001 - names are a nicety; fall back to class_<i>
+        return None

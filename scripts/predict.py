@@ -1,0 +1,165 @@
+"""Top-k classes of images, with EfficientNet weights of any kind this project reads.
+
+    python scripts/predict.py cat.jpg dog.png --weights b0.msgpack
+    python scripts/predict.py photos/*.jpg --weights efficientnet-b0-355c32eb.pth --model b0
+    python scripts/predict.py shoe.png --weights workdirs/quickstart --top 3
+
+Each image is preprocessed like evaluation (decode, centre crop S / (S + 32) or the weights'
+crop fraction, resize to S with the variant's interpolation); the model normalises it as its
+weights expect. Class names: ImageNet-1k's for 1000-class ImageNet weights
+(efficientnet/imagenet_classes.txt), a workdir's dataset classes (an image folder's subfolder
+names, Fashion-MNIST's), else class_<i>.
+
+An image that cannot be read or decoded is reported as ``error: PATH: reason`` on stderr and
+the others are still predicted. Exit status: 0 when at least one image was predicted, 1 when
+none was (every image failed) or the weights could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog='python scripts/predict.py',
+        description='Prints the top classes with probabilities for each image.',
+    )
+    p.add_argument('images', metavar='IMAGE', nargs='+', help='JPEG, PNG, BMP or GIF files')
+    p.add_argument(
+        '--weights',
+        required=True,
+        metavar='SOURCE',
+        help='training workdir, .msgpack, Keras .h5, PyTorch .pth or TF checkpoint',
+    )
+    p.add_argument('--model', help='variant (b0 ... b7, lite0 ...); required for keras/torch/tf')
+    p.add_argument(
+        '--format', default='auto', choices=('auto', 'workdir', 'msgpack', 'keras', 'torch', 'tf')
+    )
+    p.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
+    p.add_argument('--top', type=int, default=5, help='classes shown per image (default 5)')
+    p.add_argument(
+        '--normalization',
+        choices=('imagenet', 'advprop', 'lite'),
+        help="override the input normalisation ('advprop' for AdvProp weights)",
+    )
+    p.add_argument('--depthwise-impl', default='auto', choices=('auto', 'xla', 'unrolled'))
+    p.add_argument('--json', action='store_true', help='print one JSON object per image')
+    return p.parse_args(argv)
+
+
+def load_image(path: str, resolution: int, crop_fraction: float | None, interpolation: str):
+    """uint8 [S, S, 3] through the pipeline's eval preprocessing; raises ValueError with the
+    reason when the file cannot be read or decoded."""
+    import tensorflow as tf
+
+    from input_pipeline import preprocessing
+
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(e.strerror or str(e)) from e
+    if not data:
+        raise ValueError('empty file')
+    try:
+        image = preprocessing.preprocess_eval(
+            tf.constant(data), resolution, interpolation=interpolation, crop_fraction=crop_fraction
+        )
+        return image.numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
+        # TF wraps the decoder's message in '{{function_node ...}} ... [Op:DecodeImage]'.
+        reason = re.sub(r'\{\{.*?\}\}|\[Op:.*$', '', e.message or '').strip()
+        raise ValueError(f'not a decodable image ({reason or type(e).__name__})') from e
+
+
+def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(predictions in input order, [(path, error message)] for images that failed)."""
+    import numpy as np
+
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
+    from training.loading import class_names
+
+    hide_accelerators_from_tensorflow()
+    names = class_names(loaded)
+    images, ok, failed = [], [], []
+    for path in paths:
+        try:
+            images.append(
+                load_image(path, loaded.resolution, loaded.crop_fraction, loaded.interpolation)
+            )
+            ok.append(path)
+        except ValueError as e:
+            failed.append((path, str(e)))
+    results = []
+    if images:
+        logits = loaded.logits(np.stack(images)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top, probs.shape[1])
+        for path, p in zip(ok, probs):
+            order = np.argsort(-p, kind='stable')[:k]
+            results.append(
+                {
+                    'image': path,
+                    'top': [
+                        {'label': int(i), 'name': names[i], 'probability': float(p[i])}
+                        for i in order
+                    ],
+                }
+            )
+    return results, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.top < 1:
+        print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
+        return 1
+    from training.loading import load_model
+
+    try:
+        loaded = load_model(
+            args.weights,
+            model=args.model,
+            fmt=args.format,
+            use_ema=not args.no_ema,
+            depthwise_impl=args.depthwise_impl,
+            normalization=args.normalization,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    if loaded.num_classes == 0:
+        print(
+            f'error: {args.weights} has no classifier (a backbone); nothing to predict',
+            file=sys.stderr,
+        )
+        return 1
+    results, failed = predict(loaded, args.images, args.top)
+    for path, reason in failed:
+        print(f'error: {path}: {reason}', file=sys.stderr)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(r['image'])
+        for t in r['top']:
+            print(f'  {100 * t["probability"]:6.2f}%  {t["name"]}')
+    if failed:
+        print(
+            f'{len(results)} of {len(args.images)} images predicted, {len(failed)} failed',
+            file=sys.stderr,
+        )
+    return 0 if results else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
