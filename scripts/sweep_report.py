@@ -1,0 +1,262 @@
+"""Summarises a sweep: one row per run with its swept values and its final and best metrics.
+
+    python scripts/sweep_report.py ROOT [--metric eval/ema_top1] [--output PREFIX]
+
+Reads every run directory under ROOT (one holding ``config.json``, as train.py writes, or a
+``sweep_run.json`` from scripts/sweep.py), its TensorBoard event files and, when present, the
+sweep's markers. Writes PREFIX.csv, PREFIX.md (a markdown table, also printed) and PREFIX.png
+(the best metric against each swept value, one line per setting of the other swept keys);
+PREFIX defaults to ROOT/sweep_report.
+
+The swept keys are the overrides sweep.py recorded plus any config field whose value differs
+between runs, so runs launched from ``--print-commands`` on a cluster are reported the same way.
+The metric tags are those train.py writes: eval/ema_top1, eval/raw_top1, eval/ema_loss, ...
+(``--metric eval/top1`` means eval/ema_top1, the EMA weights train.py reports first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from plot_metrics import read_scalars  # scripts/ is on sys.path when this file runs
+
+RUN_FILE, DONE_FILE = 'sweep_run.json', 'sweep_done.json'
+ALIASES = {'eval/top1': 'eval/ema_top1', 'eval/top5': 'eval/ema_top5', 'eval/loss': 'eval/ema_loss'}
+
+
+def _load_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _parse(text: str) -> Any:
+    """A string override as a number or bool where it reads as one (for sorting and plots)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            pass
+    return {'True': True, 'False': False, 'None': None}.get(text, text)
+
+
+def load_runs(root: str) -> list[dict[str, Any]]:
+    """Every run directory directly under ``root``: name, config, swept overrides, scalars."""
+    if not os.path.isdir(root):
+        raise ValueError(f'{root} is not a directory')
+    runs = []
+    for name in sorted(os.listdir(root)):
+        workdir = os.path.join(root, name)
+        resolved = _load_json(os.path.join(workdir, 'config.json'))
+        started = _load_json(os.path.join(workdir, RUN_FILE))
+        if resolved is None and started is None:
+            continue
+        runs.append(
+            {
+                'name': name,
+                'config': _flatten(resolved['config']) if resolved else {},
+                'total': (resolved or {}).get('derived', {}).get('total_micro_steps'),
+                'swept': {k: _parse(v) for k, v in (started or {}).get('swept', {}).items()},
+                'done': os.path.exists(os.path.join(workdir, DONE_FILE)),
+                'scalars': read_scalars(workdir),
+            }
+        )
+    if not runs:
+        raise ValueError(f'no runs under {root} (no */config.json or */{RUN_FILE})')
+    return runs
+
+
+def swept_keys(runs: Sequence[dict]) -> list[str]:
+    """Keys the sweep recorded (in their order), then config fields that differ between runs."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run['swept'] if k not in keys]
+    configs = [r['config'] for r in runs if r['config']]
+    for key in sorted({k for c in configs for k in c}):
+        values = {json.dumps(c.get(key), sort_keys=True) for c in configs}
+        if len(values) > 1 and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _value(run: dict, key: str) -> Any:
+    return run['config'][key] if key in run['config'] else run['swept'].get(key)
+
+
+def summarise(runs: Sequence[dict], metric: str, mode: str) -> tuple[list[str], list[dict]]:
+    """(columns, rows), rows sorted best first; runs without the metric come last."""
+    keys = swept_keys(runs)
+    other = {'eval/ema_top1': 'eval/raw_top1', 'eval/raw_top1': 'eval/ema_top1'}.get(
+        metric, 'eval/ema_top1'
+    )
+    columns = [
+        'run',
+        *keys,
+        'status',
+        'step',
+        f'final {metric}',
+        f'best {metric}',
+        'best step',
+        f'final {other}',
+        'final train/loss',
+    ]
+    rows = []
+    for run in runs:
+        s = run['scalars']
+        points = s.get(metric, [])
+        last_step = max((p[-1][0] for p in s.values() if p), default=None)
+        if run['done'] or (points and run['total'] and points[-1][0] >= run['total']):
+            status = 'finished'  # sweep.py's marker, or the final eval was logged
+        elif last_step is not None:
+            status = f'partial ({last_step}/{run["total"] or "?"})'
+        else:
+            status = 'no metrics'
+        pick = min if mode == 'min' else max
+        best = pick(points, key=lambda p: p[1]) if points else None
+        row = {
+            'run': run['name'],
+            **{k: _value(run, k) for k in keys},
+            'status': status,
+            'step': last_step,
+            f'final {metric}': points[-1][1] if points else None,
+            f'best {metric}': best[1] if best else None,
+            'best step': best[0] if best else None,
+            f'final {other}': s[other][-1][1] if s.get(other) else None,
+            'final train/loss': s['train/loss'][-1][1] if s.get('train/loss') else None,
+        }
+        rows.append(row)
+    sign = 1 if mode == 'min' else -1
+    rows.sort(key=lambda r: (r[f'best {metric}'] is None, sign * (r[f'best {metric}'] or 0)))
+    return columns, rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ''
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    return str(value)
+
+
+def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([['' if r[c] is None else r[c] for c in columns] for r in rows])
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    lines += [
+        '| ' + ' | '.join(_cell(r[c]).replace('|', '\\|') for c in columns) + ' |' for r in rows
+    ]
+    return '\n'.join(lines) + '\n'
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plot_best(path: str, keys: list[str], rows: list[dict], metric: str) -> None:
+    """One panel per swept key: best metric against its value, a line per setting of the other
+    keys (a random search gives scattered points); log x when positive values span 10x."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    best = f'best {metric}'
+    rows = [r for r in rows if r[best] is not None]
+    panels = keys or ['run']
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        values = [r[key] for r in rows]
+        numeric = all(_is_number(v) for v in values)
+        labels = list(dict.fromkeys(_cell(v) for v in values))  # categories, first seen first
+        pos = (lambda v: v) if numeric else (lambda v, labels=labels: labels.index(_cell(v)))
+        if not numeric:
+            ax.set_xticks(
+                range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, fontsize=8
+            )
+        rest = [k for k in keys if k != key]
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(tuple(_cell(r[k]) for k in rest), []).append(r)
+        for group, members in groups.items():
+            members = sorted(members, key=lambda r: pos(r[key]))
+            label = ', '.join(f'{k}={v}' for k, v in zip(rest, group)) or None
+            ax.plot(
+                [pos(r[key]) for r in members],
+                [r[best] for r in members],
+                marker='o',
+                label=label if len(groups) > 1 else None,
+            )
+        if numeric and values and min(values) > 0 and max(values) >= 10 * min(values):
+            ax.set_xscale('log')
+        ax.set_xlabel(key)
+        ax.set_ylabel(best)
+        ax.grid(alpha=0.3)
+        if 1 < len(groups) <= 8:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('root', help='the sweep root (scripts/sweep.py --workdir)')
+    parser.add_argument('--metric', default='eval/ema_top1', help='tag to rank runs by')
+    parser.add_argument(
+        '--mode',
+        choices=('auto', 'max', 'min'),
+        default='auto',
+        help='whether higher is better (auto: min for losses, else max)',
+    )
+    parser.add_argument('--output', help='path prefix of the outputs (default ROOT/sweep_report)')
+    ns = parser.parse_args(argv)
+    metric = ALIASES.get(ns.metric, ns.metric)
+    mode = ns.mode if ns.mode != 'auto' else ('min' if 'loss' in metric else 'max')
+    try:
+        runs = load_runs(ns.root)
+        tags = sorted({t for r in runs for t in r['scalars']})
+        if tags and metric not in tags:
+            raise ValueError(f'no run logged {metric!r}; logged tags: {", ".join(tags)}')
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    prefix = ns.output or os.path.join(ns.root, 'sweep_report')
+    columns, rows = summarise(runs, metric, mode)
+    keys = columns[1 : columns.index('status')]
+    write_csv(prefix + '.csv', columns, rows)
+    table = markdown_table(columns, rows)
+    with open(prefix + '.md', 'w') as f:
+        f.write(f'# Sweep {os.path.abspath(ns.root)}\n\nRanked by best {metric} ({mode}).\n\n')
+        f.write(table)
+    plot_best(prefix + '.png', keys, rows, metric)
+    print(table, end='')
+    print(f'wrote {prefix}.csv, {prefix}.md, {prefix}.png')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
