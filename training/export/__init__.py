@@ -1,0 +1,28 @@
+"""Export of a trained EfficientNet: TF SavedModel (jax2tf), TFLite float and int8, ONNX.
+
+Every exporter takes the flax module and its ``{'params', 'batch_stats'}`` variables (what
+``training.loading.load_model`` returns), an optional resolution (the variant's by default)
+and the input normalisation (a ``training.train_step.NORMALIZATIONS`` name or a (mean, std)
+pair; the variant's by default). Every exported model takes uint8 images [N, S, S, 3] and
+returns float32 'logits' and 'probabilities'. ``run_*`` run an exported file with its own
+runtime (TF, the TFLite interpreter, onnxruntime), for checks. See docs/export.md.
+"""
+
+from training.export.network import FoldedNetwork, check_exportable, fold_network
+from training.export.onnx_export import build_onnx, export_onnx, run_onnx
+from training.export.savedmodel import export_savedmodel, run_savedmodel
+from training.export.tflite import convert_tflite, export_tflite, run_tflite
+
+__all__ = [
+    'FoldedNetwork',
+    'build_onnx',
+    'check_exportable',
+    'convert_tflite',
+    'export_onnx',
+    'export_savedmodel',
+    'export_tflite',
+    'fold_network',
+    'run_onnx',
+    'run_savedmodel',
+    'run_tflite',
+]

@@ -1,0 +1,109 @@
+"""TFLite export: float32, or int8 by post-training quantisation with representative images.
+
+The model is the TF-op rebuild of ``tf_graph`` (see there for why not the jax2tf graph). Both
+variants take uint8 images [N, S, S, 3] and return float32 'logits' and 'probabilities'
+through the 'serving_default' signature. In the int8 model every op computes in int8 (the
+converter fails rather than leave an op in float); the uint8 input is cast and quantised by
+the model's first ops, the outputs are dequantised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from training.export.network import fold_network
+
+QUANTIZATIONS = (None, 'int8')
+
+
+def convert_tflite(
+    model: Any,
+    variables: Any,
+    *,
+    quantization: str | None = None,
+    representative_images: Iterable[np.ndarray] | np.ndarray | None = None,
+    resolution: int | None = None,
+    normalization: str | tuple | None = None,
+) -> bytes:
+    """The flatbuffer of ``model`` with ``variables``. ``quantization='int8'`` needs
+    ``representative_images``: uint8 [S, S, 3] images like those the model will see (a few
+    hundred real ones; they set every activation's int8 range)."""
+    import tensorflow as tf
+
+    from training.export import tf_graph
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')
+    net = fold_network(model, variables, resolution=resolution, normalization=normalization)
+    fn = tf_graph.serving_function(net)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], tf.Module())
+    if quantization == 'int8':
+        images = _calibration_images(representative_images, net.resolution)
+
+        def representative_dataset():
+            for image in images:
+                yield {'images': image[None]}
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def _calibration_images(images: Any, resolution: int) -> list[np.ndarray]:
+    if images is None:
+        raise ValueError(
+            'int8 quantisation needs representative images (uint8 [S, S, 3]) to '
+            'calibrate the activation ranges'
+        )
+    out = [np.asarray(im) for im in images]
+    if not out:
+        raise ValueError('int8 quantisation needs at least one representative image')
+    for im in out:
+        if im.shape != (resolution, resolution, 3) or im.dtype != np.uint8:
+            raise ValueError(
+                f'representative images must be uint8 [{resolution}, {resolution}, '
+                f'3]; got {im.dtype} {im.shape}'
+            )
+    return out
+
+
+def export_tflite(
+    model: Any,
+    variables: Any,
+    path: str | os.PathLike,
+    **kwargs: Any,
+) -> str:
+    """Writes ``convert_tflite(model, variables, **kwargs)`` to ``path``; returns the path."""
+    data = convert_tflite(model, variables, **kwargs)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
+    return path
+
+
+def run_tflite(
+    model: str | os.PathLike | bytes, images: np.ndarray, batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """Runs a TFLite file (or flatbuffer bytes) on uint8 images [N, S, S, 3] with TF's
+    interpreter; returns {'logits', 'probabilities'}."""
+    import tensorflow as tf
+
+    if isinstance(model, bytes):
+        interpreter = tf.lite.Interpreter(model_content=model)
+    else:
+        interpreter = tf.lite.Interpreter(model_path=os.fspath(model))
+    images = np.asarray(images, np.uint8)
+    # The signature maps 'images', 'logits' and 'probabilities' to the flatbuffer's tensors.
+    runner = interpreter.get_signature_runner('serving_default')
+    result: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch_size):
+        out = runner(images=images[start : start + batch_size])
+        for k, v in out.items():
+            result.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in result.items()}
