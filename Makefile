@@ -20,6 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m efficientnet.cpu_kernels || echo 'warning: CPU kernels not built; the unrolled XLA form will be used'
 	touch $(STAMP)
 
 test: setup

@@ -17,7 +17,7 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 PADDINGS = ('same', 'symmetric')
-DEPTHWISE_IMPLS = ('auto', 'xla', 'unrolled')
+DEPTHWISE_IMPLS = ('auto', 'xla', 'unrolled', 'cpu_kernel')
 
 
 def conv_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
@@ -72,6 +72,57 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
     raise ValueError(f'unknown activation {name!r}; expected swish, relu6 or relu')
 
 
+def _patches(x: Array, kernel: int, stride: int, padding: str) -> Array:
+    """(N, Ho, Wo, k*k*C) windows of padded ``x``, ordered like an HWIO kernel flattened to
+    (k*k*C, O)."""
+    pads = _pads(x, kernel, stride, padding)
+    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+    out_h = (xp.shape[1] - kernel) // stride + 1
+    out_w = (xp.shape[2] - kernel) // stride + 1
+    return jnp.concatenate([
+        jax.lax.slice(xp, (0, i, j, 0),
+                      (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                       xp.shape[3]), (1, stride, stride, 1))
+        for i in range(kernel) for j in range(kernel)], axis=-1)
+
+
+def pointwise_conv(x: Array, w: Array) -> Array:
+    """``x @ w`` over the channel axis. On CPU its gradient is written out (see
+    ``_pointwise_bwd``); elsewhere it is plain autodiff."""
+    if jax.default_backend() == 'cpu':
+        return _pointwise_cpu(x, w)
+    return jnp.dot(x, w)
+
+
+@jax.custom_vjp
+def _pointwise_cpu(x: Array, w: Array) -> Array:
+    return jnp.dot(x, w)
+
+
+def _pointwise_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _pointwise_bwd(res, dy):
+    """The weight gradient contracts over every pixel of the batch. Left to itself, XLA:CPU
+    transposes the large output gradient into channel-major order (with the BatchNorm backward
+    fused into that strided copy) before a slow generic dot; here the operand with fewer
+    channels is materialised and transposed instead, and the product is a plain GEMM."""
+    x, w = res
+    cin, cout = w.shape
+    x2 = x.reshape(-1, cin)
+    dy2 = dy.reshape(-1, cout)
+    dx = jnp.dot(dy, w.T)
+    if cin <= cout:
+        dw = jnp.dot(jax.lax.optimization_barrier(x2).T, dy2)
+    else:
+        dw = jnp.dot(jax.lax.optimization_barrier(dy2).T, x2).T
+    return dx, dw.astype(w.dtype)
+
+
+_pointwise_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 class Conv2D(nn.Module):
     """A dense (non-grouped) convolution with explicit TF-SAME or symmetric padding."""
 
@@ -88,7 +139,13 @@ class Conv2D(nn.Module):
                        (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
         if self.kernel == 1 and self.stride == 1:
             # A pointwise conv is a matmul over channels; as a dot XLA uses its GEMM path.
-            y = jnp.dot(x.astype(self.dtype), k[0, 0].astype(self.dtype))
+            y = pointwise_conv(x.astype(self.dtype), k[0, 0].astype(self.dtype))
+        elif jax.default_backend() == 'cpu' and self.kernel ** 2 * x.shape[-1] <= 64:
+            # The stem (3x3 over 3 channels): XLA:CPU's convolution handles so few input
+            # channels poorly; gathering the k*k*C patch values is cheap and the rest is a GEMM.
+            y = pointwise_conv(_patches(x.astype(self.dtype), self.kernel, self.stride,
+                                        self.padding),
+                               k.reshape(-1, self.features).astype(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
@@ -100,13 +157,21 @@ class Conv2D(nn.Module):
         return y
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-    """'auto' picks the unrolled form on CPU (XLA's grouped conv is ~10x slower there) and
-    XLA's grouped convolution on GPU and TPU."""
+def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
+    """'auto' picks XLA's grouped convolution on GPU and TPU. On CPU, where XLA runs it (and
+    its gradient) about 10x slower, it picks the C++ kernels of ``efficientnet.cpu_kernels``
+    for float32 when they build here, else the unrolled shift-and-multiply form. An explicit
+    'cpu_kernel' on another backend or dtype, or without a compiler, falls back the same way."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+    on_cpu = jax.default_backend() == 'cpu'
     if impl == 'auto':
-        return 'unrolled' if jax.default_backend() == 'cpu' else 'xla'
+        impl = 'cpu_kernel' if on_cpu else 'xla'
+    if impl == 'cpu_kernel':
+        from efficientnet import cpu_kernels
+
+        usable = on_cpu and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+        return 'cpu_kernel' if usable else ('unrolled' if on_cpu else 'xla')
     return impl
 
 
@@ -114,15 +179,21 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
     """Depthwise convolution of NHWC ``x`` with a (k, k, 1, C) kernel.
 
     'xla' is a grouped ``conv_general_dilated``; 'unrolled' pads once and sums k*k strided
-    shifted slices times the per-channel tap. Both compute the same sum; the unrolled form is
-    plain elementwise work that XLA's CPU backend vectorises well.
+    shifted slices times the per-channel tap (plain elementwise work that XLA's CPU backend
+    vectorises well); 'cpu_kernel' runs hand-written C++ for the forward and backward passes
+    on CPU. All compute the same sum.
     """
     k = kernel.shape[0]
     pads = _pads(x, k, stride, padding)
-    if resolve_depthwise_impl(impl) == 'xla':
+    impl = resolve_depthwise_impl(impl, x.dtype)
+    if impl == 'xla':
         return jax.lax.conv_general_dilated(
             x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
             feature_group_count=x.shape[-1])
+    if impl == 'cpu_kernel':
+        from efficientnet import cpu_kernels
+
+        return cpu_kernels.depthwise(x, kernel, stride, tuple(map(tuple, pads)))
     return _depthwise_unrolled(x, kernel, stride, tuple(pads))
 
 

@@ -57,7 +57,7 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise
     out = {'framework': 'jax', 'backend': jax.default_backend(),
            'device': str(jax.devices()[0].device_kind), 'model': model.variant.name,
            'batch': batch, 'resolution': res, 'dtype': dtype,
-           'depthwise': efficientnet.layers.resolve_depthwise_impl(depthwise)}
+           'depthwise': efficientnet.layers.resolve_depthwise_impl(depthwise, dt)}
 
     t = time.perf_counter()
     lowered = grad.lower(variables['params'], variables['batch_stats'], x, jax.random.key(2))
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument('--resolution', type=int, default=None, help='default: the variant\'s')
     p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
     p.add_argument('--steps', type=int, default=5, help='timed steps (median is reported)')
-    p.add_argument('--depthwise', choices=['auto', 'xla', 'unrolled'], default='auto')
+    p.add_argument('--depthwise', choices=['auto', 'xla', 'unrolled', 'cpu_kernel'], default='auto')
     p.add_argument('--torch', action='store_true', help='also time efficientnet_pytorch')
     p.add_argument('--json', action='store_true')
     args = p.parse_args(argv)

@@ -5,6 +5,9 @@ the tables, the formulas, the layers and the module's behaviour.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -163,8 +166,6 @@ def test_flops(name):
 
 def test_summary_json_cli():
     import json
-    import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, '-m', 'efficientnet.summary', '--json', '--models',
                           'b0', 'lite0'], capture_output=True, text=True, check=True)
@@ -177,23 +178,72 @@ def test_summary_json_cli():
     assert bad.returncode == 2 and 'unknown EfficientNet variant' in bad.stderr
 
 
+@pytest.mark.parametrize('impl', ['unrolled', 'cpu_kernel'])
 @pytest.mark.parametrize('kernel', [3, 5])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('padding', ['same', 'symmetric'])
 @pytest.mark.parametrize('size', [(9, 9), (10, 7)])
-def test_depthwise_implementations_agree(kernel, stride, padding, size):
+def test_depthwise_implementations_agree(impl, kernel, stride, padding, size):
+    # 88 channels: the C++ kernel's 64-wide and 16-wide register blocks and its scalar tail.
+    channels = 88 if impl == 'cpu_kernel' else 6
     kx, kw = jax.random.split(jax.random.key(kernel * 10 + stride))
-    x = jax.random.normal(kx, (2, *size, 6))
-    w = jax.random.normal(kw, (kernel, kernel, 1, 6))
+    x = jax.random.normal(kx, (2, *size, channels))
+    w = jax.random.normal(kw, (kernel, kernel, 1, channels))
 
     def f(impl):
         return lambda x, w: layers.depthwise_conv(x, w, stride, padding, impl)
 
-    y_xla, y_unr = f('xla')(x, w), f('unrolled')(x, w)
-    assert y_xla.shape == y_unr.shape
-    np.testing.assert_allclose(y_unr, y_xla, rtol=1e-5, atol=1e-5)
-    g = lambda impl: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(impl)(x, w))), argnums=(0, 1))(x, w)
-    for a, b in zip(g('xla'), g('unrolled')):
+    y_xla, y_impl = f('xla')(x, w), jax.jit(f(impl))(x, w)
+    assert y_xla.shape == y_impl.shape
+    np.testing.assert_allclose(y_impl, y_xla, rtol=1e-5, atol=1e-5)
+    g = lambda impl: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(impl)(x, w))),
+                                      argnums=(0, 1)))(x, w)
+    for a, b in zip(g('xla'), g(impl)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernels_are_used_on_cpu_and_can_be_turned_off():
+    assert layers.resolve_depthwise_impl('auto') == 'cpu_kernel'  # these tests run on CPU
+    assert layers.resolve_depthwise_impl('auto', jnp.bfloat16) == 'unrolled'  # float32 only
+    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.depthwise_conv(x, w, 1, 'same', 'auto'))(
+        jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4))))
+    assert 'efficientnet_cpu_depthwise_forward' in jaxpr
+    code = ('from efficientnet import layers; r = layers.resolve_depthwise_impl; '
+            "print(r('auto'), r('cpu_kernel'))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**os.environ, 'EFFICIENTNET_CPU_KERNELS': '0'})
+    assert out.stdout.split() == ['unrolled', 'unrolled'], out.stderr
+
+
+@pytest.mark.parametrize('cin,cout', [(8, 24), (24, 8)])
+def test_pointwise_conv_gradients_match_autodiff(cin, cout):
+    kx, kw = jax.random.split(jax.random.key(cin))
+    x = jax.random.normal(kx, (2, 5, 6, cin))
+    w = jax.random.normal(kw, (cin, cout))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+    ours = jax.jit(jax.grad(loss(layers.pointwise_conv), argnums=(0, 1)))(x, w)
+    ref = jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('padding', ['same', 'symmetric'])
+def test_stem_conv_as_patches_matches_convolution(padding):
+    """On CPU a 3x3 conv over 3 channels runs as gathered patches times a matrix; its value and
+    gradients equal XLA's convolution."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (2, 11, 10, 3))
+    w = jax.random.normal(kw, (3, 3, 3, 8))
+    conv = layers.Conv2D(8, 3, 2, padding=padding)
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(x, w, (2, 2), layers._pads(x, 3, 2, padding),
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    ours = lambda x, w: conv.apply({'params': {'kernel': w}}, x)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    g = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+    for a, b in zip(g(ours), g(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -204,7 +254,7 @@ def test_same_padding_matches_tensorflow():
         x = rng.normal(size=(1, size, size, 4)).astype(np.float32)
         w = rng.normal(size=(k, k, 4, 1)).astype(np.float32)
         ref = tf.nn.depthwise_conv2d(x, w, (1, s, s, 1), 'SAME').numpy()
-        for impl in ('xla', 'unrolled'):
+        for impl in ('xla', 'unrolled', 'cpu_kernel'):
             ours = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w.transpose(0, 1, 3, 2)), s,
                                          'same', impl)
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
@@ -224,7 +274,7 @@ def test_symmetric_padding_matches_torch():
         ref = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                                          torch.from_numpy(w.transpose(3, 2, 0, 1)), stride=s,
                                          padding=k // 2, groups=4).numpy().transpose(0, 2, 3, 1)
-        for impl in ('xla', 'unrolled'):
+        for impl in ('xla', 'unrolled', 'cpu_kernel'):
             ours = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w), s, 'symmetric', impl)
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -233,10 +283,10 @@ def test_model_depthwise_impls_agree_end_to_end(tiny):
     _, v = tiny
     x = jax.random.normal(jax.random.key(0), (2, 40, 40, 3))
     a = efficientnet.create_model('tiny', num_classes=10, depthwise_impl='xla')
-    b = efficientnet.create_model('tiny', num_classes=10, depthwise_impl='unrolled')
-    np.testing.assert_allclose(jax.jit(a.apply)(v, x), jax.jit(b.apply)(v, x), rtol=1e-4,
-                               atol=1e-5)
-    assert layers.resolve_depthwise_impl('auto') == 'unrolled'  # these tests run on CPU
+    for impl in ('unrolled', 'cpu_kernel'):
+        b = efficientnet.create_model('tiny', num_classes=10, depthwise_impl=impl)
+        np.testing.assert_allclose(jax.jit(a.apply)(v, x), jax.jit(b.apply)(v, x), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_stochastic_depth_ramp():
