@@ -6,7 +6,9 @@ The "pretrained" weights are a tiny EfficientNet (width and depth 0.25) with 10 
 parameters are drawn here with numpy (He-normal kernels), so that train.py's own
 initialisation (seed 0) cannot be mistaken for them. The test is about the mechanism, not
 transfer quality: random features need a few hundred steps at 32 px to separate the colour
-classes, and BatchNorm's running statistics (momentum 0.99) need as many to settle.
+classes, and BatchNorm's running statistics (momentum 0.99, starting from the file's mean 0 and
+variance 1) need as many to settle. Measured here: held-out top-1 25% at step 100, 65-80% at
+250 and 100% from step 300 on; at 400 steps one run ended at 80% (EMA), so the run has 500.
 """
 
 import os
@@ -38,11 +40,11 @@ TINY = [
     '--config.data.resolution=32',
     '--config.batch_size=16',
 ]
-# 80 training images, 5 steps per epoch: 400 steps, one eval at the end. A larger learning rate
+# 80 training images, 5 steps per epoch: 500 steps, one eval at the end. A larger learning rate
 # than the config's 0.01 per 256: the features here are random, not pretrained.
 SHORT = [
-    '--config.num_epochs=80',
-    '--config.eval_every_epochs=80',
+    '--config.num_epochs=100',
+    '--config.eval_every_epochs=100',
     '--config.optim.base_learning_rate=0.4',
     '--config.log_every_steps=50',
 ]
@@ -149,13 +151,13 @@ def test_held_out_accuracy_beats_chance(finetuned):
     last = [line for line in p.stdout.splitlines() if line.strip()][-1]
     m = re.fullmatch(
         r'Final eval top-1: ([\d.]+)% \(EMA weights\), ([\d.]+)% \(raw weights\), '
-        r'step 400',
+        r'step 500',
         last,
     )
     assert m, last
     # 20 held-out images (holdout_fraction 0.2 of 25 per class); chance is 25%.
     assert 'on 20 examples' in p.stderr
-    assert float(m.group(1)) >= 60.0, last
+    assert float(m.group(1)) >= 75.0 and float(m.group(2)) >= 75.0, last
 
 
 def test_plot_of_the_finetuned_run(finetuned, env, tmp_path):
