@@ -10,10 +10,12 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -30,19 +32,26 @@ from training.loading import class_names, detect_format, load_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'efficientnet-tiny'
 WORKDIR_CLASSES = 3
+WORKDIR_CLASS_NAMES = ('apple', 'banana', 'cherry')
 
 
-def trained_workdir() -> tuple[str, str]:
-    """(workdir, image folder): a real two-step train.py run of the smoke config on a generated
-    JPEG folder of 3 classes, made once per test process (this module is imported under two
-    names by the two test files, so the cache is a directory named by the process id)."""
+def _workdir_paths() -> tuple[str, str, str]:
+    # This module is imported under two names (by pytest, and by test_eval_predict.py), so the
+    # shared state is a directory named by the process id, not a module global.
     root = os.path.join(tempfile.gettempdir(), f'test_loading_workdir_{os.getpid()}')
-    workdir, folder = os.path.join(root, 'workdir'), os.path.join(root, 'images')
-    if os.path.exists(os.path.join(root, 'done')):
-        return workdir, folder
+    return root, os.path.join(root, 'workdir'), os.path.join(root, 'images')
+
+
+def start_training() -> None:
+    """Starts (once per test process) a real two-step train.py run of the smoke config on a
+    generated JPEG folder of 3 classes, in the background; ``trained_workdir`` waits for it."""
+    root, workdir, folder = _workdir_paths()
+    if os.path.exists(os.path.join(root, 'started')):
+        return
     shutil.rmtree(root, ignore_errors=True)
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
     fx.write_image_folder(folder, num_classes=WORKDIR_CLASSES, per_class=6, size=(40, 56))
+    for c, name in enumerate(WORKDIR_CLASS_NAMES):  # names a fallback could not produce
+        os.rename(os.path.join(folder, f'class_{c}'), os.path.join(folder, name))
     # One device compiles faster than the eight conftest.py gives this process.
     env = dict(
         os.environ,
@@ -50,22 +59,47 @@ def trained_workdir() -> tuple[str, str]:
         TF_CPP_MIN_LOG_LEVEL='2',
         JAX_PLATFORMS='cpu',
     )
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, 'train.py'),
-        f'--config={os.path.join(ROOT, "configs", "smoke.py")}',
-        f'--workdir={workdir}',
-        '--config.data.name=folder',
-        f'--config.data.folder={folder}',
-        f'--config.data.num_classes={WORKDIR_CLASSES}',
-        '--config.batch_size=8',
-        '--config.total_steps=2',
-        '--config.checkpoint.every_steps=1',
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    open(os.path.join(root, 'done'), 'w').close()
+    train = [
+        sys.executable, os.path.join(ROOT, 'train.py'),
+        f'--config={os.path.join(ROOT, "configs", "smoke.py")}', f'--workdir={workdir}',
+        '--config.data.name=folder', f'--config.data.folder={folder}',
+        f'--config.data.num_classes={WORKDIR_CLASSES}', '--config.batch_size=8',
+        '--config.total_steps=2', '--config.checkpoint.every_steps=1',
+    ]  # fmt: skip
+    log = os.path.join(root, 'train.log')
+    # The shell leaves a marker either way, so any importer of this module can wait on it.
+    script = (
+        f'{shlex.join(train)} > {shlex.quote(log)} 2>&1 && touch {root}/done || touch {root}/failed'
+    )
+    proc = subprocess.Popen(['sh', '-c', script], cwd=ROOT, env=env)
+    open(os.path.join(root, 'started'), 'w').close()
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(cleanup)
+
+
+def trained_workdir(timeout: float = 600.0) -> tuple[str, str]:
+    """(workdir, image folder) of the run ``start_training`` began, once it has finished."""
+    start_training()
+    root, workdir, folder = _workdir_paths()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(root, 'done')):
+        if os.path.exists(os.path.join(root, 'failed')) or time.monotonic() > deadline:
+            with open(os.path.join(root, 'train.log')) as f:
+                pytest.fail('the train.py run for the workdir tests failed:\n' + f.read()[-3000:])
+        time.sleep(0.5)
     return workdir, folder
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _training_in_background():
+    """The workdir tests come last in this file; the run they need trains meanwhile."""
+    start_training()
 
 
 def read_arrays(state_dir: str) -> dict:
@@ -87,19 +121,24 @@ def assert_trees_equal(a, b) -> None:
 
 
 def random_variables(name: str, num_classes: int, seed: int) -> dict:
-    """Random float32 variables of the right tree (numpy draws: jitting the real initialisers
-    costs far more compile time than these tests need)."""
+    """Random float32 variables of the right tree, scaled so that activations neither vanish
+    nor saturate (numpy draws: jitting the real initialisers costs more compile time than
+    these tests need). BatchNorm statistics are non-trivial, so a dropped collection shows."""
     model = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl='xla')
     shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), shapes['params']
+
+    def draw(path, s):
+        leaf = path[-1].key
+        if leaf == 'kernel':  # He fan-in scaling; a depthwise kernel (k, k, 1, C) has fan-in k*k
+            return rng.normal(0.0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
+        if leaf in ('scale', 'var'):
+            return rng.uniform(0.8, 1.2, s.shape)
+        return rng.normal(0.0, 0.05, s.shape)  # biases and means
+
+    return jax.tree_util.tree_map_with_path(
+        lambda p, s: draw(p, s).astype(np.float32), dict(shapes)
     )
-    # Positive, non-trivial BatchNorm statistics, so that a dropped collection shows.
-    stats = jax.tree.map(
-        lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes['batch_stats']
-    )
-    return {'params': params, 'batch_stats': stats}
 
 
 # ----------------------------------------------------------------------------------- msgpack
@@ -272,57 +311,6 @@ def test_tf_checkpoint_round_trip_takes_the_ema(tmp_path):
         load_model(str(tmp_path), model='b1')
 
 
-# ----------------------------------------------------------------------------------- workdir
-
-
-def test_workdir_takes_the_best_ema_checkpoint():
-    workdir, folder = trained_workdir()
-    assert detect_format(workdir) == 'workdir'
-    loaded = load_model(workdir, depthwise_impl='xla')
-    with open(os.path.join(workdir, 'config.json')) as f:
-        config = json.load(f)['config']
-    assert loaded.format == 'workdir'
-    assert loaded.name == 'efficientnet-b0-w0.25-d0.25'  # smoke.py's width/depth overrides
-    assert loaded.num_classes == WORKDIR_CLASSES
-    assert loaded.resolution == config['data']['resolution'] == 32
-    assert loaded.crop_fraction == config['data']['crop_fraction']
-    assert loaded.normalization == config['data']['normalization']
-    assert loaded.interpolation == config['data']['interpolation']
-    best = os.listdir(os.path.join(workdir, 'best'))
-    assert len(best) == 1 and loaded.step == int(best[0])
-    state = read_arrays(os.path.join(workdir, 'best', best[0], 'state'))
-    assert_trees_equal(loaded.variables['params'], state['ema_params'])
-    assert_trees_equal(loaded.variables['batch_stats'], state['ema_batch_stats'])
-    assert class_names(loaded) == sorted(os.listdir(folder))
-
-    raw = load_model(workdir, use_ema=False, depthwise_impl='xla')
-    assert_trees_equal(raw.variables['params'], state['params'])
-
-    # An independent build of the same network: B0's table at width = depth = 0.25.
-    variant = arch.Variant('custom', 0.25, 0.25, 32, 0.2)
-    model = efficientnet.EfficientNet(variant, num_classes=WORKDIR_CLASSES, depthwise_impl='xla')
-    images = np.random.default_rng(11).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
-    expected = jax.jit(model.apply)(
-        {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']},
-        normalised(images, arch.IMAGENET_MEAN, arch.IMAGENET_STD),
-    )
-    np.testing.assert_allclose(loaded.logits(images), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_workdir_step_directory_and_model_checks():
-    workdir, _ = trained_workdir()
-    step1 = os.path.join(workdir, 'checkpoints', '1')
-    loaded = load_model(step1, depthwise_impl='xla')
-    assert loaded.step == 1
-    state = read_arrays(os.path.join(step1, 'state'))
-    assert_trees_equal(loaded.variables['params'], state['ema_params'])
-    assert load_model(workdir, model='b0', depthwise_impl='xla').num_classes == WORKDIR_CLASSES
-    with pytest.raises(ValueError, match=r"model='b3' but the workdir trained efficientnet-b0"):
-        load_model(workdir, model='b3')
-    with pytest.raises(ValueError, match='num_classes=1000 but the workdir trained 3'):
-        load_model(workdir, num_classes=1000)
-
-
 # ------------------------------------------------------------------------------------ errors
 
 
@@ -389,3 +377,56 @@ def test_class_names_for_datasets():
         num_classes=2, data_config={'name': 'folder', 'folder': '/none'}, **base
     )
     assert class_names(gone) == ['class_0', 'class_1']
+
+
+# ----------------------------------------------------------------------------------- workdir
+
+
+@pytest.mark.filterwarnings('ignore:Sharding info not provided')
+def test_workdir_takes_the_best_ema_checkpoint():
+    workdir, folder = trained_workdir()
+    assert detect_format(workdir) == 'workdir'
+    loaded = load_model(workdir, depthwise_impl='xla')
+    with open(os.path.join(workdir, 'config.json')) as f:
+        config = json.load(f)['config']
+    assert loaded.format == 'workdir'
+    assert loaded.name == 'efficientnet-b0-w0.25-d0.25'  # smoke.py's width/depth overrides
+    assert loaded.num_classes == WORKDIR_CLASSES
+    assert loaded.resolution == config['data']['resolution'] == 32
+    assert loaded.crop_fraction == config['data']['crop_fraction']
+    assert loaded.normalization == config['data']['normalization']
+    assert loaded.interpolation == config['data']['interpolation']
+    best = os.listdir(os.path.join(workdir, 'best'))
+    assert len(best) == 1 and loaded.step == int(best[0])
+    state = read_arrays(os.path.join(workdir, 'best', best[0], 'state'))
+    assert_trees_equal(loaded.variables['params'], state['ema_params'])
+    assert_trees_equal(loaded.variables['batch_stats'], state['ema_batch_stats'])
+    assert class_names(loaded) == list(WORKDIR_CLASS_NAMES)
+
+    raw = load_model(workdir, use_ema=False, depthwise_impl='xla')
+    assert_trees_equal(raw.variables['params'], state['params'])
+
+    # An independent build of the same network: B0's table at width = depth = 0.25.
+    variant = arch.Variant('custom', 0.25, 0.25, 32, 0.2)
+    model = efficientnet.EfficientNet(variant, num_classes=WORKDIR_CLASSES, depthwise_impl='xla')
+    images = np.random.default_rng(11).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    expected = jax.jit(model.apply)(
+        {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']},
+        normalised(images, arch.IMAGENET_MEAN, arch.IMAGENET_STD),
+    )
+    np.testing.assert_allclose(loaded.logits(images), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:Sharding info not provided')
+def test_workdir_step_directory_and_model_checks():
+    workdir, _ = trained_workdir()
+    step1 = os.path.join(workdir, 'checkpoints', '1')
+    loaded = load_model(step1, depthwise_impl='xla')
+    assert loaded.step == 1
+    state = read_arrays(os.path.join(step1, 'state'))
+    assert_trees_equal(loaded.variables['params'], state['ema_params'])
+    assert load_model(workdir, model='b0', depthwise_impl='xla').num_classes == WORKDIR_CLASSES
+    with pytest.raises(ValueError, match=r"model='b3' but the workdir trained efficientnet-b0"):
+        load_model(workdir, model='b3')
+    with pytest.raises(ValueError, match='num_classes=1000 but the workdir trained 3'):
+        load_model(workdir, num_classes=1000)
