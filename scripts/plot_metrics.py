@@ -84,6 +84,8 @@ def plot_runs(workdirs: Sequence[str], output: str, weights: str = 'ema') -> Non
     """Writes the PNG; raises ValueError naming a workdir without event files."""
     runs = []
     for w in workdirs:
+        if not os.path.isdir(w):
+            raise ValueError(f'{w} is not a run directory')
         scalars = read_scalars(w)
         if not scalars:
             raise ValueError(f'{w}: no TensorBoard event files with scalars ({EVENT_GLOB})')

@@ -51,6 +51,8 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 def _parse(text: str) -> Any:
     """A string override as a number or bool where it reads as one (for sorting and plots)."""
+    if not isinstance(text, str):
+        return text
     for cast in (int, float):
         try:
             return cast(text)
@@ -66,6 +68,8 @@ def load_runs(root: str) -> list[dict[str, Any]]:
     runs = []
     for name in sorted(os.listdir(root)):
         workdir = os.path.join(root, name)
+        if not os.path.isdir(workdir):
+            continue  # this report's own files, anything else
         resolved = _load_json(os.path.join(workdir, 'config.json'))
         started = _load_json(os.path.join(workdir, RUN_FILE))
         if resolved is None and started is None:
@@ -149,11 +153,12 @@ def summarise(runs: Sequence[dict], metric: str, mode: str) -> tuple[list[str], 
     return columns, rows
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, exact: bool = False) -> str:
+    """Metrics to 4 significant digits; swept values (``exact``) as the run names show them."""
     if value is None:
         return ''
     if isinstance(value, float):
-        return f'{value:.4g}'
+        return repr(value) if exact else f'{value:.4g}'
     return str(value)
 
 
@@ -164,11 +169,11 @@ def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
         writer.writerows([['' if r[c] is None else r[c] for c in columns] for r in rows])
 
 
-def markdown_table(columns: list[str], rows: list[dict]) -> str:
+def markdown_table(columns: list[str], rows: list[dict], keys: Sequence[str] = ()) -> str:
     lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    lines += [
-        '| ' + ' | '.join(_cell(r[c]).replace('|', '\\|') for c in columns) + ' |' for r in rows
-    ]
+    for r in rows:
+        cells = [_cell(r[c], exact=c in keys).replace('|', '\\|') for c in columns]
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -191,8 +196,14 @@ def plot_best(path: str, keys: list[str], rows: list[dict], metric: str) -> None
     for ax, key in zip(axes[0], panels):
         values = [r[key] for r in rows]
         numeric = all(_is_number(v) for v in values)
-        labels = list(dict.fromkeys(_cell(v) for v in values))  # categories, first seen first
-        pos = (lambda v: v) if numeric else (lambda v, labels=labels: labels.index(_cell(v)))
+        labels = list(
+            dict.fromkeys(_cell(v, exact=True) for v in values)
+        )  # categories, first seen first
+        pos = (
+            (lambda v: v)
+            if numeric
+            else (lambda v, labels=labels: labels.index(_cell(v, exact=True)))
+        )
         if not numeric:
             ax.set_xticks(
                 range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, fontsize=8
@@ -200,7 +211,7 @@ def plot_best(path: str, keys: list[str], rows: list[dict], metric: str) -> None
         rest = [k for k in keys if k != key]
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
-            groups.setdefault(tuple(_cell(r[k]) for k in rest), []).append(r)
+            groups.setdefault(tuple(_cell(r[k], exact=True) for k in rest), []).append(r)
         for group, members in groups.items():
             members = sorted(members, key=lambda r: pos(r[key]))
             label = ', '.join(f'{k}={v}' for k, v in zip(rest, group)) or None
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     columns, rows = summarise(runs, metric, mode)
     keys = columns[1 : columns.index('status')]
     write_csv(prefix + '.csv', columns, rows)
-    table = markdown_table(columns, rows)
+    table = markdown_table(columns, rows, keys)
     with open(prefix + '.md', 'w') as f:
         f.write(f'# Sweep {os.path.abspath(ns.root)}\n\nRanked by best {metric} ({mode}).\n\n')
         f.write(table)

@@ -159,6 +159,13 @@ def test_report_table_and_plot(sweep, env, tmp_path):
     assert table.split('\n\n', 2)[-1] in p.stdout  # the table is printed too
     assert_png(prefix + '.png')
 
+    # By default the report lands in the root, and a second report reads past those files.
+    for _ in range(2):
+        p = script(env, 'sweep_report.py', root)
+        assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(root, 'sweep_report.csv')) as f:
+        assert len(list(csv.DictReader(f))) == 4
+
 
 def test_report_rejects_unknown_metric(sweep, env, tmp_path):
     root, _, _ = sweep
