@@ -120,7 +120,8 @@ def check_dataset(data) -> dict:
         try:
             builder = tfds.builder(name, data_dir=data.data_dir)
         except Exception as e:  # noqa: BLE001 - an unknown tfds name
-            raise UsageError(f'unknown dataset {name!r}: {e}') from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f'unknown dataset {name!r}: {reason}') from e
         prepared = builder.is_prepared()
         if not prepared and name.split(':')[0] != 'imagenet2012':
             where = f' --data_dir={data.data_dir}' if data.data_dir else ''
@@ -134,7 +135,10 @@ def check_dataset(data) -> dict:
     try:
         info = input_pipeline.dataset_info(data)
     except FileNotFoundError as e:  # the pipeline's "how to prepare" message for ImageNet
-        raise UsageError(str(e)) from e
+        hint = ''
+        if name.split(':')[0] == 'imagenet2012':
+            hint = '\n  (for this script: --manual-dir DIR prepares it, --data-dir DIR says where)'
+        raise UsageError(f'{e}{hint}') from e
     except (ValueError, KeyError) as e:
         raise UsageError(f'dataset {name!r}, split {data.eval_split!r}: {e}') from e
     if info['num_eval'] == 0:
@@ -200,8 +204,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f'--resolution must be at least 8, got {args.resolution}')
     if args.crop_fraction is not None and not 0.0 < args.crop_fraction <= 1.0:
         raise UsageError(f'--crop-fraction must be in (0, 1], got {args.crop_fraction}')
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
     from training.loading import load_model
 
+    # TensorFlow only decodes images (and reads Keras/TF weights): keep it off the GPUs, before
+    # anything initialises its devices.
+    hide_accelerators_from_tensorflow()
     try:
         loaded = load_model(
             args.source,

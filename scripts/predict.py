@@ -83,10 +83,8 @@ def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[
     """(predictions in input order, [(path, error message)] for images that failed)."""
     import numpy as np
 
-    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
     from training.loading import class_names
 
-    hide_accelerators_from_tensorflow()
     names = class_names(loaded)
     images, ok, failed = [], [], []
     for path in paths:
@@ -123,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.top < 1:
         print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
         return 1
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
     from training.loading import load_model
 
+    hide_accelerators_from_tensorflow()  # TF decodes images only; the GPUs belong to JAX
     try:
         loaded = load_model(
             args.weights,

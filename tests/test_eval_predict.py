@@ -108,10 +108,11 @@ def tiny10(labelled_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def _training_in_background():
-    """The workdir tests come last in this file; the run they need trains meanwhile (or has
-    already, for test_loading.py)."""
-    start_training()
+def _training_in_background(request):
+    """The workdir tests come last in this file; when any is selected, the run they need
+    trains in the background meanwhile (or already has, in another test file)."""
+    if any('workdir' in item.name for item in request.session.items):
+        start_training()
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -97,9 +97,11 @@ def trained_workdir(timeout: float = 600.0) -> tuple[str, str]:
 
 
 @pytest.fixture(scope='module', autouse=True)
-def _training_in_background():
-    """The workdir tests come last in this file; the run they need trains meanwhile."""
-    start_training()
+def _training_in_background(request):
+    """The workdir tests come last in this file; when any is selected, the run they need
+    trains in the background meanwhile (or already has, in another test file)."""
+    if any('workdir' in item.name for item in request.session.items):
+        start_training()
 
 
 def read_arrays(state_dir: str) -> dict:
