@@ -223,3 +223,27 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0],
                             jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+        env, uninterrupted, tmp_path):
+    """Resumed from step 8 with an absurd learning rate, the loss overflows; the run stops with
+    an error naming the step, and the step-8 checkpoint is left as it was."""
+    import shutil
+
+    source, _ = uninterrupted
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(source, workdir)
+    before = _load(workdir, 8)
+    p = subprocess.run(_cmd(workdir, '--config.total_steps=16',
+                            '--config.optim.base_learning_rate=1e30'),
+                       env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert p.returncode != 0
+    assert 'non-finite loss' in p.stderr and 'at step ' in p.stderr, p.stderr[-3000:]
+    assert 'is kept (step 8)' in p.stderr, p.stderr[-3000:]
+    steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
+                   if n.isdigit())
+    assert steps[-1] == 8
+    after = _load(workdir, 8)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
