@@ -28,6 +28,7 @@ from scripts import predict as predict_script
 from tests import input_fixtures as fx
 from tests.test_loading import (
     WORKDIR_CLASS_NAMES,
+    WORKDIR_TEST_FILES,
     random_variables,
     start_training,
     trained_workdir,
@@ -111,7 +112,10 @@ def tiny10(labelled_folder, tmp_path_factory):
 def _training_in_background(request):
     """The workdir tests come last in this file; when any is selected, the run they need
     trains in the background meanwhile (or already has, in another test file)."""
-    if any('workdir' in item.name for item in request.session.items):
+    if any(
+        'workdir' in item.name and item.path.name in WORKDIR_TEST_FILES
+        for item in request.session.items
+    ):
         start_training()
 
 

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'efficientnet-tiny'
 WORKDIR_CLASSES = 3
 WORKDIR_CLASS_NAMES = ('apple', 'banana', 'cherry')
+WORKDIR_TEST_FILES = ('test_loading.py', 'test_eval_predict.py')  # tests that use the run
 
 
 def _workdir_paths() -> tuple[str, str, str]:
@@ -100,7 +101,10 @@ def trained_workdir(timeout: float = 600.0) -> tuple[str, str]:
 def _training_in_background(request):
     """The workdir tests come last in this file; when any is selected, the run they need
     trains in the background meanwhile (or already has, in another test file)."""
-    if any('workdir' in item.name for item in request.session.items):
+    if any(
+        'workdir' in item.name and item.path.name in WORKDIR_TEST_FILES
+        for item in request.session.items
+    ):
         start_training()
 
 
@@ -309,6 +313,10 @@ def test_tf_checkpoint_round_trip_takes_the_ema(tmp_path):
     assert np.max(np.abs(ours - expected)) / np.max(np.abs(expected)) < 1e-4
     raw = load_model(str(tmp_path / 'model.ckpt'), model='tiny', use_ema=False)
     assert not np.any(raw.variables['params']['classifier']['kernel'])
+    # The '.index' file, and a directory without the 'checkpoint' state file, name it too.
+    os.remove(tmp_path / 'checkpoint')
+    for source in (str(tmp_path / 'model.ckpt.index'), str(tmp_path)):
+        assert_trees_equal(load_model(source, model='tiny').variables, ema.variables)
     with pytest.raises(ValueError, match=r'loading tf weights .* as b1: .*holds efficientnet-tiny'):
         load_model(str(tmp_path), model='b1')
 

@@ -327,9 +327,10 @@ def _load_published(
             keras_model, name, num_classes=max(classes, 1), skip_head=classes == 0
         )
     else:
-        classes = _tf_classes(source) if num_classes is None else num_classes
+        prefix = _tf_prefix(source)
+        classes = _tf_classes(prefix) if num_classes is None else num_classes
         variables = weights.from_tf_checkpoint(
-            source, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
+            prefix, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
         )
     return _published(name, variables, classes, depthwise_impl, source, fmt)
 
@@ -400,6 +401,23 @@ def _torch_classes(state: Any) -> int:
                 if found:
                     return found
     return 0
+
+
+def _tf_prefix(source: str) -> str:
+    """A checkpoint prefix from what a user may pass: the prefix, its '.index' file, or a
+    directory (with a 'checkpoint' state file, or holding exactly one '.index')."""
+    if source.endswith('.index') and os.path.isfile(source):
+        return source[: -len('.index')]
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, 'checkpoint')):
+        indexes = sorted(n for n in os.listdir(source) if n.endswith('.index'))
+        if len(indexes) == 1:
+            return os.path.join(source, indexes[0][: -len('.index')])
+        if len(indexes) > 1:
+            raise ValueError(
+                f'{source} holds several checkpoints ({", ".join(indexes)}) and no '
+                "'checkpoint' file naming one: pass the prefix"
+            )
+    return source
 
 
 def _tf_classes(path: str) -> int:
