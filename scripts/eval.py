@@ -85,9 +85,8 @@ def data_config_for(args: argparse.Namespace, loaded) -> object:
     saved = loaded.data_config or {}
     dataset = args.dataset or saved.get('name') or 'imagenet2012'
     if saved and dataset == saved.get('name'):
-        for key, value in saved.items():
-            if key in data:
-                data[key] = value
+        for key, value in saved.items():  # fields the schema lacks too (fashion_mnist_dir)
+            data[key] = value
     data.name = dataset
     data.eval_split = args.split or (saved.get('eval_split') if saved else None) or 'validation'
     for key, value in (
