@@ -100,6 +100,15 @@ def _init_state(config: Any, model: Any, tx: Any, mesh: Any, ckpt: ckpt_lib.Chec
         pre = ckpt_lib.load_pretrained(config.init_from)
         params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
         stats, fresh_bs = ckpt_lib.merge_pretrained(state.batch_stats, pre['batch_stats'])
+        # Only the classifier may differ (another class count); anything else means weights of
+        # another model, which would silently train from scratch.
+        foreign = [k for k in fresh + fresh_bs if "'classifier'" not in k]
+        if foreign:
+            raise ValueError(
+                f'config.init_from={config.init_from!r} does not fit config.model '
+                f'({config.model.name}, width={config.model.width}, depth={config.model.depth})'
+                f': {len(foreign)} tensors are missing or of another shape, e.g. '
+                f'{", ".join(foreign[:3])}. Only the classifier may differ.')
         copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
         state = state.replace(params=params, batch_stats=stats, ema_params=copy(params),
                               ema_batch_stats=copy(stats), opt_state=jax.jit(

@@ -1,15 +1,15 @@
 """Fine-tunes a pretrained EfficientNet on an image folder (root/<class>/<image>).
 
     python train.py --config=configs/finetune.py --workdir=/ckpt/flowers \
-        --config.init_from=b0.msgpack --config.data.folder=/data/flowers \
-        --config.data.num_classes=5
+        --config.init_from=b0.msgpack --config.data.folder=/data/flowers
 
 ``init_from`` is converted published weights (``python -m efficientnet.weights ...``) or a
 workdir of ours; the classifier is re-initialised because its class count differs (train.py
 logs what it re-initialised: only ``classifier`` should be listed). Set ``model.name`` and
 ``data.resolution`` to the pretrained variant (``--config.model.name=efficientnet-b3
---config.data.resolution=300``). ``data.num_classes`` must equal the number of class folders
-(left unset, the run stops before compiling and names the folder's count). The held-out split is
+--config.data.resolution=300``); weights of another model stop the run with an error, since
+only the classifier may differ. ``data.num_classes`` is left unset: the folder's class count is
+used (set it to have the run check the count). The held-out split is
 ``data.holdout_fraction`` of each class (chosen by a hash of the file path, so it is stable),
 and the last line train.py prints is the held-out top-1.
 
@@ -43,7 +43,7 @@ def get_config():
     config.data.holdout_fraction = 0.2  # a larger held-out part than 0.1: small folders
     config.data.train_split = 'train'
     config.data.eval_split = 'validation'
-    # The number of class folders; None makes config resolution name the folder's count.
+    # None: the number of class folders (set it to make resolution check the count).
     config.data.num_classes = ml_collections.FieldReference(None, field_type=int)
     config.data.shuffle_buffer = 16384
     config.batch_size = 64

@@ -118,8 +118,7 @@ def finetuned(env, folder, tmp_path_factory):
         env,
         f'--workdir={workdir}',
         f'--config.init_from={pretrained_path}',
-        f'--config.data.folder={folder}',
-        f'--config.data.num_classes={NUM_CLASSES}',
+        f'--config.data.folder={folder}',  # data.num_classes unset: the folder's count
         *TINY,
         *SHORT,
     )
@@ -205,10 +204,24 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         resolve(finetune_config(num_classes=2), device_count=1)
 
 
-def test_class_count_must_match_the_folder(folder):
-    with pytest.raises(
-        ConfigError, match=f"num_classes=None but dataset 'folder' has {NUM_CLASSES} classes"
-    ):
-        resolve(finetune_config(folder=folder), device_count=1)
-    plan = resolve(finetune_config(folder=folder, num_classes=NUM_CLASSES), device_count=1)
+def test_class_count_comes_from_the_folder_or_must_match_it(folder):
+    plan = resolve(finetune_config(folder=folder), device_count=1)
+    assert plan.num_classes == NUM_CLASSES
     assert (plan.num_train, plan.num_eval) == (80, 20)  # holdout_fraction 0.2 of each class
+    with pytest.raises(
+        ConfigError, match=f"num_classes=3 but dataset 'folder' has {NUM_CLASSES} classes"
+    ):
+        resolve(finetune_config(folder=folder, num_classes=3), device_count=1)
+
+
+def test_weights_of_another_model_are_refused(env, folder, tmp_path):
+    """Weights whose body does not fit the configured model (here: width 0.25 weights, a width
+    0.5 model) stop the run instead of silently training from scratch."""
+    path = str(tmp_path / 'narrow.msgpack')
+    random_tiny_weights(path)
+    args = [a for a in TINY if not a.startswith('--config.model.width')]
+    p = train(env, f'--workdir={tmp_path / "run"}', f'--config.init_from={path}',
+              f'--config.data.folder={folder}', '--config.model.width=0.5', *args, *SHORT)
+    assert p.returncode != 0
+    assert 'does not fit config.model' in p.stderr and 'Only the classifier may differ' in (
+        p.stderr), p.stderr[-3000:]

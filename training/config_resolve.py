@@ -157,7 +157,10 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
             where = c.data.data_dir or c.data.folder or 'the default data dir'
             errors.append(f'dataset {c.data.name!r} is not available (looked in {where}): '
                           f'{type(e).__name__}: {e}')
-        if info is not None and info['num_classes'] != c.data.num_classes:
+        if c.data.num_classes is None and c.data.name == 'fake':
+            errors.append("config.data.num_classes must be set for the 'fake' dataset")
+        elif (info is not None and c.data.num_classes is not None
+              and info['num_classes'] != c.data.num_classes):
             errors.append(f'config.data.num_classes={c.data.num_classes} but dataset '
                           f'{c.data.name!r} has {info["num_classes"]} classes')
         if info is not None and info['num_train'] < c.batch_size:
