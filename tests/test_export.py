@@ -53,20 +53,37 @@ def reference_logits(model, variables, images: np.ndarray, normalization: str) -
 
 def randomized(variables, seed: int):
     """BatchNorm far from identity: scale in [0.5, 1.5], bias and mean ~ N(0, 0.2), var in
-    [0.5, 2]; every bias non-zero."""
+    [0.5, 2]; every bias non-zero. (numpy: one jax.random call per shape would compile each.)"""
+    rng = np.random.default_rng(seed)
     flat, tree = jax.tree_util.tree_flatten_with_path(variables)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
     out = []
-    for key, (path, leaf) in zip(keys, flat):
-        name = jax.tree_util.keystr(path)
+    for path, leaf in flat:
+        name, shape = jax.tree_util.keystr(path), np.shape(leaf)
         if name.endswith("['var']"):
-            leaf = jax.random.uniform(key, leaf.shape, minval=0.5, maxval=2.0)
+            leaf = rng.uniform(0.5, 2.0, shape)
         elif name.endswith("['scale']"):
-            leaf = jax.random.uniform(key, leaf.shape, minval=0.5, maxval=1.5)
+            leaf = rng.uniform(0.5, 1.5, shape)
         elif name.endswith("['mean']") or name.endswith("['bias']"):
-            leaf = 0.2 * jax.random.normal(key, leaf.shape)
+            leaf = rng.normal(0, 0.2, shape)
         out.append(np.asarray(leaf, np.float32))
     return jax.tree.unflatten(tree, out)
+
+
+def random_variables(model, resolution: int = RES, seed: int = 0):
+    """Variables of ``model`` drawn with numpy from its ``eval_shape`` (nothing to compile):
+    kernels ~ N(0, 1 / fan_in), BatchNorm as ``randomized``."""
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, resolution, resolution, 3))
+    )
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+            fan_in = int(np.prod(s.shape[:-1]))
+            return rng.normal(0, 1 / np.sqrt(fan_in), s.shape)
+        return np.zeros(s.shape)
+
+    return randomized(jax.tree_util.tree_map_with_path(draw, shapes), seed + 1)
 
 
 def family_normalization(name: str) -> str:
@@ -80,7 +97,7 @@ def train_briefly(name: str, steps: int = 80, batch: int = 64):
         name, num_classes=CLASSES, dropout_rate=0.0, drop_path_rate=0.0
     )
     norm = family_normalization(name)
-    variables = randomized(model.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3))), 1)
+    variables = random_variables(model)
     tx = optax.adam(1e-2)
 
     @jax.jit
@@ -215,7 +232,7 @@ def test_symmetric_padding_at_another_resolution(name, tmp_path):
     and BatchNorm: ONNX and TFLite float against JAX."""
     res = 44
     model = efficientnet.create_model(name, num_classes=CLASSES, padding='symmetric')
-    variables = randomized(model.init(jax.random.key(0), jnp.zeros((1, res, res, 3))), 5)
+    variables = random_variables(model, res, 5)
     images = np.random.default_rng(6).integers(0, 256, (8, res, res, 3), dtype=np.uint8)
     ref = reference_logits(model, variables, images, family_normalization(name))
     onnx_path = ex.export_onnx(model, variables, tmp_path / 'm.onnx', resolution=res)
@@ -227,7 +244,7 @@ def test_symmetric_padding_at_another_resolution(name, tmp_path):
 def test_wrong_variables_fail_clearly():
     model = efficientnet.create_model('efficientnet-tiny', num_classes=CLASSES)
     other = efficientnet.create_model('efficientnet-lite-tiny', num_classes=CLASSES)
-    variables = other.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3)))
+    variables = jax.eval_shape(other.init, jax.random.key(0), jnp.zeros((1, RES, RES, 3)))
     with pytest.raises(ValueError, match='do not fit efficientnet-tiny'):
         ex.build_onnx(model, variables)
     with pytest.raises(ValueError, match='representative images'):
@@ -294,9 +311,7 @@ def test_cli_wrong_model_name(tmp_path):
 
     model = efficientnet.create_model('efficientnet-tiny', num_classes=CLASSES)
     source = tmp_path / 'tiny.msgpack'
-    weights.save_variables(
-        source, model.init(jax.random.key(0), jnp.zeros((1, RES, RES, 3))), 'efficientnet-tiny'
-    )
+    weights.save_variables(source, random_variables(model), 'efficientnet-tiny')
     result = run_cli(
         str(source), '--model', 'b0', '--format', 'onnx', '--output', str(tmp_path / 'm.onnx')
     )

@@ -38,11 +38,13 @@ def convert_tflite(
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')
-    net = fold_network(model, variables, resolution=resolution, normalization=normalization)
+    size = model.variant.resolution if resolution is None else resolution
+    if quantization == 'int8':
+        images = _calibration_images(representative_images, size)
+    net = fold_network(model, variables, resolution=size, normalization=normalization)
     fn = tf_graph.serving_function(net)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], tf.Module())
     if quantization == 'int8':
-        images = _calibration_images(representative_images, net.resolution)
 
         def representative_dataset():
             for image in images:
