@@ -29,6 +29,7 @@ from tests import input_fixtures as fx
 from tests.test_loading import (
     WORKDIR_CLASS_NAMES,
     WORKDIR_TEST_FILES,
+    _workdir_paths,
     random_variables,
     start_training,
     trained_workdir,
@@ -336,6 +337,25 @@ def test_eval_of_a_workdir_uses_its_dataset(capsys):
     # The workdir's own eval split: round(0.1 * 6) = 1 held-out image per class.
     assert 'count 3' in captured.out
     assert 'on folder validation: 3 examples at 32px' in captured.err
+
+
+def test_eval_of_a_workdir_step_agrees_with_the_training_run(tmp_path):
+    """train.py evaluated the final step with its own jitted eval step; the script, given that
+    step's directory, must report the same for the EMA and the raw weights."""
+    workdir, _ = trained_workdir()
+    with open(os.path.join(_workdir_paths()[0], 'train.log')) as f:
+        line = [ln for ln in f if '[2] eval/count=' in ln][-1]
+    logged = dict(kv.split('=') for kv in line.split('[2] ', 1)[1].strip().split(', '))
+    for name, flags in (('ema', []), ('raw', ['--no-ema'])):
+        out = tmp_path / f'{name}.json'
+        step = os.path.join(workdir, 'checkpoints', '2')
+        assert (
+            eval_script.main([step, '--batch-size', '2', '--output', str(out), *flags, *XLA]) == 0
+        )
+        report = json.loads(out.read_text())
+        assert report['count'] == int(logged['eval/count']) == 3
+        for key in ('top1', 'top5', 'loss'):  # logged with 6 significant digits
+            assert report[key] == pytest.approx(float(logged[f'eval/{name}_{key}']), rel=1e-5)
 
 
 def test_predict_uses_the_workdir_class_names(capsys):
