@@ -10,6 +10,7 @@ the model's first ops, the outputs are dequantised.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -96,10 +97,15 @@ def run_tflite(
     interpreter; returns {'logits', 'probabilities'}."""
     import tensorflow as tf
 
-    if isinstance(model, bytes):
-        interpreter = tf.lite.Interpreter(model_content=model)
-    else:
-        interpreter = tf.lite.Interpreter(model_path=os.fspath(model))
+    with warnings.catch_warnings():
+        # TF 2.21 announces the interpreter's move to ai_edge_litert; it runs the same files.
+        warnings.filterwarnings(
+            'ignore', message='.*tf.lite.Interpreter is deprecated', category=UserWarning
+        )
+        if isinstance(model, bytes):
+            interpreter = tf.lite.Interpreter(model_content=model)
+        else:
+            interpreter = tf.lite.Interpreter(model_path=os.fspath(model))
     images = np.asarray(images, np.uint8)
     # The signature maps 'images', 'logits' and 'probabilities' to the flatbuffer's tensors.
     runner = interpreter.get_signature_runner('serving_default')
