@@ -187,6 +187,13 @@ def evaluate(loaded, data, batch_size: int, log=print) -> dict:
     return result
 
 
+def _hide_gpus_from_tensorflow() -> None:
+    """TensorFlow only decodes images here (and reads Keras/TF weights); the GPUs are JAX's."""
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -204,23 +211,23 @@ def run(args: argparse.Namespace) -> int:
     if args.crop_fraction is not None and not 0.0 < args.crop_fraction <= 1.0:
         raise UsageError(f'--crop-fraction must be in (0, 1], got {args.crop_fraction}')
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
-    from training.loading import load_model
+    from training.loading import detect_format, load_model
 
-    # TensorFlow only decodes images (and reads Keras/TF weights): keep it off the GPUs, before
-    # anything initialises its devices.
-    hide_accelerators_from_tensorflow()
     try:
+        fmt = detect_format(args.source) if args.format == 'auto' else args.format
+        if fmt in ('keras', 'tf'):  # reading these starts TensorFlow: keep it off the GPUs first
+            _hide_gpus_from_tensorflow()
         loaded = load_model(
             args.source,
             model=args.model,
-            fmt=args.format,
+            fmt=fmt,
             use_ema=not args.no_ema,
             depthwise_impl=args.depthwise_impl,
             normalization=args.normalization,
         )
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
+    _hide_gpus_from_tensorflow()  # before the pipeline initialises TensorFlow's devices
     if loaded.num_classes == 0:
         raise UsageError(f'{args.source} has no classifier (a backbone); nothing to evaluate')
     overrides = {
