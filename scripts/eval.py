@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=('imagenet', 'advprop', 'lite'),
         help="override the input normalisation ('advprop' for AdvProp weights)",
     )
-    p.add_argument('--depthwise-impl', default='auto', choices=('auto', 'xla', 'unrolled'))
+    p.add_argument('--depthwise-impl', default='auto',
+                   choices=('auto', 'xla', 'unrolled', 'cpu_kernel'))
     p.add_argument('--output', help='write the results here as JSON')
     return p.parse_args(argv)
 

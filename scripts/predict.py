@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=('imagenet', 'advprop', 'lite'),
         help="override the input normalisation ('advprop' for AdvProp weights)",
     )
-    p.add_argument('--depthwise-impl', default='auto', choices=('auto', 'xla', 'unrolled'))
+    p.add_argument('--depthwise-impl', default='auto',
+                   choices=('auto', 'xla', 'unrolled', 'cpu_kernel'))
     p.add_argument('--json', action='store_true', help='print one JSON object per image')
     return p.parse_args(argv)
 
@@ -83,7 +84,7 @@ def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[
     """(predictions in input order, [(path, error message)] for images that failed)."""
     import numpy as np
 
-    from training.loading import class_names
+    from training.class_names import class_names
 
     names = class_names(loaded)
     images, ok, failed = [], [], []

@@ -27,7 +27,8 @@ from efficientnet import arch
 from efficientnet.weights import WeightsMismatchError, save_variables
 from tests import input_fixtures as fx
 from training import loading
-from training.loading import class_names, detect_format, load_model
+from training.class_names import class_names
+from training.loading import detect_format, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'efficientnet-tiny'
