@@ -188,13 +188,6 @@ def evaluate(loaded, data, batch_size: int, log=print) -> dict:
     return result
 
 
-def _hide_gpus_from_tensorflow() -> None:
-    """TensorFlow only decodes images here (and reads Keras/TF weights); the GPUs are JAX's."""
-    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
-
-    hide_accelerators_from_tensorflow()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -212,23 +205,19 @@ def run(args: argparse.Namespace) -> int:
     if args.crop_fraction is not None and not 0.0 < args.crop_fraction <= 1.0:
         raise UsageError(f'--crop-fraction must be in (0, 1], got {args.crop_fraction}')
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from training.loading import detect_format, load_model
+    from training.loading import load_model_for_tool
 
     try:
-        fmt = detect_format(args.source) if args.format == 'auto' else args.format
-        if fmt in ('keras', 'tf'):  # reading these starts TensorFlow: keep it off the GPUs first
-            _hide_gpus_from_tensorflow()
-        loaded = load_model(
+        loaded = load_model_for_tool(
             args.source,
             model=args.model,
-            fmt=fmt,
+            fmt=args.format,
             use_ema=not args.no_ema,
             depthwise_impl=args.depthwise_impl,
             normalization=args.normalization,
         )
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
-    _hide_gpus_from_tensorflow()  # before the pipeline initialises TensorFlow's devices
     if loaded.num_classes == 0:
         raise UsageError(f'{args.source} has no classifier (a backbone); nothing to evaluate')
     overrides = {

@@ -117,29 +117,19 @@ def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[
     return results, failed
 
 
-def _hide_gpus_from_tensorflow() -> None:
-    """TensorFlow only decodes images here (and reads Keras/TF weights); the GPUs are JAX's."""
-    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
-
-    hide_accelerators_from_tensorflow()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.top < 1:
         print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
         return 1
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from training.loading import detect_format, load_model
+    from training.loading import load_model_for_tool
 
     try:
-        fmt = detect_format(args.weights) if args.format == 'auto' else args.format
-        if fmt in ('keras', 'tf'):  # reading these starts TensorFlow: keep it off the GPUs first
-            _hide_gpus_from_tensorflow()
-        loaded = load_model(
+        loaded = load_model_for_tool(
             args.weights,
             model=args.model,
-            fmt=fmt,
+            fmt=args.format,
             use_ema=not args.no_ema,
             depthwise_impl=args.depthwise_impl,
             normalization=args.normalization,
@@ -153,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    _hide_gpus_from_tensorflow()  # before decoding initialises TensorFlow's devices
     results, failed = predict(loaded, args.images, args.top)
     for path, reason in failed:
         print(f'error: {path}: {reason}', file=sys.stderr)

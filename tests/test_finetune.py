@@ -50,21 +50,6 @@ SHORT = [
 ]
 
 
-def tools_env(tmp_path_factory) -> dict:
-    env = dict(os.environ)
-    env.update(
-        {
-            'XLA_FLAGS': '',
-            'JAX_PLATFORMS': 'cpu',
-            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.getbasetemp() / 'tools_jax_cache'),
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-            'TF_CPP_MIN_LOG_LEVEL': '2',
-        }
-    )
-    return env
-
-
 def random_tiny_weights(path: str, num_classes: int = 10) -> dict:
     """A tiny B0's variables with He-normal kernels from numpy, saved as a weights file."""
     model = config_resolve.build_model(smoke.get_config(), num_classes)
@@ -97,8 +82,8 @@ def train(env, *args, timeout=600):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    return tools_env(tmp_path_factory)
+def env(tools_env):
+    return tools_env
 
 
 @pytest.fixture(scope='module')

@@ -31,23 +31,6 @@ GRID = {'total_steps': [2, 4], 'data.fake_num_eval': [24, 40]}
 NAMES = [f'total_steps={t},data.fake_num_eval={n}' for t in (2, 4) for n in (24, 40)]
 
 
-def tools_env(tmp_path_factory) -> dict:
-    """One CPU device (faster to compile than the suite's eight) and a compilation cache shared
-    by every test module of the session that uses it."""
-    env = dict(os.environ)
-    env.update(
-        {
-            'XLA_FLAGS': '',
-            'JAX_PLATFORMS': 'cpu',
-            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.getbasetemp() / 'tools_jax_cache'),
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-            'TF_CPP_MIN_LOG_LEVEL': '2',
-        }
-    )
-    return env
-
-
 def write_sweep(path, trials) -> str:
     with open(path, 'w') as f:
         f.write(f'def get_sweep():\n    return {trials!r}\n')
@@ -86,8 +69,8 @@ def assert_png(path, min_side=200):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    return tools_env(tmp_path_factory)
+def env(tools_env):
+    return tools_env
 
 
 @pytest.fixture(scope='module')

@@ -475,3 +475,14 @@ def _prefixed(error: ValueError, prefix: str) -> ValueError:
         return type(error)(prefix + str(error))
     except TypeError:
         return ValueError(prefix + str(error))
+
+
+def load_model_for_tool(source: str, *, fmt: str = 'auto', **kwargs: Any) -> LoadedModel:
+    """``load_model`` for the command-line tools, which also decode images with TensorFlow:
+    the format is detected first (a missing path fails at once), then TensorFlow is kept off
+    the GPUs (they are JAX's) before anything starts it, then the weights load."""
+    fmt = detect_format(source) if fmt == 'auto' else fmt
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()
+    return load_model(source, fmt=fmt, **kwargs)
