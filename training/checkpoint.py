@@ -54,6 +54,11 @@ class Checkpointer:
         """Starts an async save of ``state`` at ``step`` (a no-op if that step exists)."""
         if step in self.latest.all_steps():
             return
+        if self.best is not None:
+            # Orbax names its multi-host barriers by step (and some not at all), not by manager:
+            # two managers saving at once collide across processes ("barrier ... is already
+            # ongoing"). One manager's save must finish before the other's starts.
+            self.best.wait_until_finished()
         if data_state is not None:
             self._write_data_state(step, data_state)
         self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
@@ -64,6 +69,7 @@ class Checkpointer:
         """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
         if self.best is None or step in self.best.all_steps():
             return
+        self.latest.wait_until_finished()  # see save(): never two managers in flight
         self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                        metrics={'top1': float(top1)}, force=True)
 
