@@ -34,6 +34,16 @@ def _time(fn, steps: int) -> float:
     return times[len(times) // 2]
 
 
+def report(results: list[dict], as_json: bool) -> None:
+    """Prints the result rows as JSON or as one key=value line each."""
+    if as_json:
+        print(json.dumps(results, indent=1))
+        return
+    for r in results:
+        print('  '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
+                        for k, v in r.items()))
+
+
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -150,12 +160,7 @@ def main(argv=None) -> int:
             'train_speedup_vs_torch': results[0]['train_img_s'] / results[1]['train_img_s'],
             'fwd_speedup_vs_torch': results[0]['fwd_img_s'] / results[1]['fwd_img_s'],
         })
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            print('  '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
-                            for k, v in r.items()))
+    report(results, args.json)
     return 0
 
 

@@ -20,22 +20,13 @@ update of parameters and buffers; its first step includes building the network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _median_time(fn, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_model import _time, report  # noqa: E402  (timing and printing shared)
 
 
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int) -> dict:
@@ -88,8 +79,7 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int) -> dict:
         box[0], m = step(box[0], device_batch)
         jax.block_until_ready(m)
 
-    run()
-    median = _median_time(run, steps)
+    median = _time(run, steps)  # one warm-up call, then the median
     return {'framework': 'jax', 'backend': jax.default_backend(), 'devices': jax.device_count(),
             'model': name, 'batch': batch, 'resolution': res, 'dtype': dtype,
             'depthwise': efficientnet.layers.resolve_depthwise_impl('auto', model.dtype),
@@ -130,8 +120,7 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
 
     run()
     first = time.perf_counter() - t0
-    run()
-    median = _median_time(run, steps)
+    median = _time(run, steps)
     return {'framework': 'torch', 'version': torch.__version__, 'device': device,
             'threads': torch.get_num_threads(), 'memory_format':
             'channels_last' if channels_last else 'contiguous', 'model': name, 'batch': batch,
@@ -160,12 +149,7 @@ def main(argv=None) -> int:
             r = bench_torch(name, args.batch, res, args.dtype, args.steps, channels_last)
             r['ours_speedup'] = results[0]['train_img_s'] / r['train_img_s']
             results.append(r)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            print('  '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
-                            for k, v in r.items()))
+    report(results, args.json)
     return 0
 
 
