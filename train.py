@@ -23,7 +23,7 @@ from clu import metric_writers
 from ml_collections import config_flags
 
 from training import checkpoint as ckpt_lib
-from training import config_resolve, data, optim, sharding
+from training import compilation, config_resolve, data, optim, sharding
 from training import state as state_lib
 from training.metrics import EvalAccumulator
 from training.train_step import make_eval_step, make_train_step
@@ -95,7 +95,7 @@ def _init_state(config: Any, model: Any, tx: Any, mesh: Any, ckpt: ckpt_lib.Chec
         state, data_state = ckpt.restore(abstract, shardings)
         logging.info('resumed from step %d', int(state.step))
         return state, shardings, data_state
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    state = state_lib.jit_init(init, shardings, mesh)(rng)
     if config.init_from:
         pre = ckpt_lib.load_pretrained(config.init_from)
         params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
@@ -137,8 +137,11 @@ def evaluate(eval_step: Any, state: Any, config: Any, plan: Any, mesh: Any) -> d
     return result
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) training in ``workdir``; returns the final eval metrics."""
+def train_and_evaluate(config: Any, workdir: str, started: float | None = None
+                       ) -> dict[str, float]:
+    """Runs (or resumes) training in ``workdir``; returns the final eval metrics. ``started``
+    (a ``time.time()``) is where the logged time to the first step counts from; default: now."""
+    started = started or time.time()
     plan = config_resolve.resolve(config, device_count=jax.device_count(),
                                   process_count=jax.process_count())
     for k, v in plan.to_dict().items():
@@ -189,8 +192,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     pending: list[tuple[int, dict]] = []  # per-step device metrics since the last flush
     last_eval: dict[str, float] = {}
-    t_start = time.time()
-    t_log, steps_at_log, first_step_time = t_start, step, None
+    t_log, steps_at_log, first_step_time = time.time(), step, None
     tracing = False
 
     def flush() -> dict[str, float]:
@@ -233,9 +235,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                 pending.append((step, metrics))
                 if first_step_time is None:
                     jax.block_until_ready(metrics)
-                    first_step_time = time.time() - t_start
-                    logging.info('first step done %.1fs after the start (compilation included)',
-                                 first_step_time)
+                    first_step_time = time.time() - started
+                    cache = compilation.cache_stats()
+                    logging.info('first step done %.1fs after the start (initialisation and '
+                                 'compilation included; %d of %d programs loaded from the '
+                                 'persistent compilation cache)', first_step_time,
+                                 cache['cache_hits'], cache['compile_requests_use_cache'])
                     t_log, steps_at_log = time.time(), step
                 if step % config.log_every_steps == 0 or step == total:
                     scalars = flush()
@@ -282,6 +287,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
+    started = time.time()
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if FLAGS.config is None or FLAGS.workdir is None:
@@ -298,9 +304,10 @@ def main(argv: list[str]) -> None:
         tf.config.set_visible_devices([], 'TPU')
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    compilation.enable_persistent_cache(FLAGS.config.compilation_cache_dir)
     logging.info('JAX %s, %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
     if 'preempted_at_step' in result:
         print(f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '
               'to resume.', flush=True)

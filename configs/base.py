@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.async_save = True
     config.init_from = ml_collections.FieldReference(None, field_type=str)
     config.prefetch_batches = 2
+    # JAX's persistent compilation cache: a rerun or resume of the same configuration loads
+    # its compiled programs instead of compiling them again (about 17 s of B0's 25 s to the
+    # first step on a 2-core CPU). 'auto': $JAX_COMPILATION_CACHE_DIR if set, else
+    # ~/.cache/efficientnet_jax/xla; '': off; else a directory (see training/compilation.py).
+    config.compilation_cache_dir = 'auto'
     config.profile = ml_collections.ConfigDict()
     config.profile.start_step = -1  # >= 0: capture a trace window starting there
     config.profile.num_steps = 5

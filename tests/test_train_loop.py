@@ -8,6 +8,7 @@ pays for XLA compilation.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +92,11 @@ def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):
     second = _train(env, workdir)
     assert 'resumed from step 4' in second.stderr
     assert 'training from step 4 to 8' in second.stderr
+    # The resumed run loads the train step the uninterrupted run compiled from the persistent
+    # compilation cache, and still ends bit-identical.
+    hits, requests = map(int, re.search(r'(\d+) of (\d+) programs loaded from the persistent',
+                                        second.stderr).groups())
+    assert 1 <= hits <= requests, second.stderr[-2000:]
     ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
     for path, a in jax.tree_util.tree_flatten_with_path(ours)[0]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from training import checkpoint, config_resolve, fake_data, optim, sharding
+from training import checkpoint, compilation, config_resolve, fake_data, optim, sharding
 from training import state as state_lib
 from training.train_step import make_eval_step, make_train_step
 
@@ -155,3 +155,28 @@ def test_checkpoint_restores_onto_a_different_mesh(eight_device_run, tmp_path):
     assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # really sharded over fsdp
     for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(r['state']))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cpu_init_compiler_options_are_applied_and_keep_values_bit_identical(monkeypatch):
+    """compilation.CPU_INIT_COMPILER_OPTIONS (LLVM level 1: the initialisation compiles ~40%
+    faster) gives an initial state bit-identical to XLA's default level. Level 0 changes the
+    values, which shows the options reach the compiler (and why level 0 is not used)."""
+    config = _config()
+    mesh1 = sharding.create_mesh(1, devices=jax.devices()[:1])
+    assert compilation.init_compiler_options(mesh1) == {'xla_backend_optimization_level': 1}
+    runs = {}
+    for name, options in (('default', None), ('level1', {'xla_backend_optimization_level': 1}),
+                          ('level0', {'xla_backend_optimization_level': 0})):
+        monkeypatch.setattr(compilation, 'init_compiler_options', lambda mesh, o=options: o)
+        runs[name] = _host(_build(config, mesh1)[2])
+    for got, want in zip(jax.tree.leaves(runs['level1']), jax.tree.leaves(runs['default'])):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(runs['level0']),
+                                                        jax.tree.leaves(runs['default'])))
+
+
+def test_compilation_cache_directory_errors_are_clear(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    with pytest.raises(ValueError, match='compilation_cache_dir'):
+        compilation.enable_persistent_cache(str(blocker / 'cache'))

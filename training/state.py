@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from training import sharding
+from training import compilation, sharding
 
 
 @flax.struct.dataclass
@@ -51,6 +51,14 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, image_size:
     return init
 
 
+def jit_init(init: Callable[[jax.Array], TrainState], shardings: Any, mesh: Mesh
+             ) -> Callable[[jax.Array], TrainState]:
+    """``init`` jitted to produce the state directly in ``shardings`` (compiled with
+    compilation.init_compiler_options: faster to compile on CPU, same values)."""
+    return jax.jit(init, out_shardings=shardings,
+                   compiler_options=compilation.init_compiler_options(mesh))
+
+
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
                          ) -> TrainState:
     """Shapes and dtypes of the state, computed without allocating anything."""
@@ -64,5 +72,5 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
     one device). Returns (state, shardings)."""
     init = make_init_fn(model, tx, image_size)
     shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, fsdp_min_size)
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    state = jit_init(init, shardings, mesh)(rng)
     return state, shardings
