@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: data setup test test-fast quickstart lint format bench summary clean
+.PHONY: data setup tcmalloc test test-fast quickstart lint format bench summary clean
 
-setup: $(STAMP)
+setup: $(STAMP) tcmalloc
 
 # Fashion-MNIST idx files from Debian (the machines have no internet, only package mirrors).
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
@@ -23,11 +23,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m efficientnet.cpu_kernels || echo 'warning: CPU kernels not built; the unrolled XLA form will be used'
 	touch $(STAMP)
 
+# tcmalloc makes CPU training steps ~35% faster (training/allocator.py); optional, from Debian.
+tcmalloc:
+	@$(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') is None)" || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q libtcmalloc-minimal4 || { apt-get update -q && apt-get install -y -q libtcmalloc-minimal4; }; \
+	  else sudo apt-get install -y -q libtcmalloc-minimal4; fi; } || echo 'warning: libtcmalloc-minimal4 not installed; CPU steps use the slower system allocator'
+
+# The tests run under tcmalloc too when it is installed (EFFICIENTNET_TCMALLOC=0: not).
+TCMALLOC = $(shell $(BIN)/python -c 'from training import allocator as a; print(a.find_tcmalloc() if a.enabled() else "")')
+
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 # Trains configs/quickstart.py on Fashion-MNIST (offline, CPU); the last line is the test top-1.
 QUICKSTART_WORKDIR ?= workdirs/quickstart

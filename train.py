@@ -9,6 +9,10 @@ pass --coordinator_address=host:port --num_processes=N --process_id=i on every p
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # before the heavy imports: may re-execute under tcmalloc
+    from training.allocator import use_tcmalloc
+    use_tcmalloc()
+
 import logging as py_logging
 import os
 import signal
@@ -22,8 +26,8 @@ from absl import app, flags, logging
 from clu import metric_writers
 from ml_collections import config_flags
 
+from training import allocator, compilation, config_resolve, data, optim, sharding
 from training import checkpoint as ckpt_lib
-from training import compilation, config_resolve, data, optim, sharding
 from training import state as state_lib
 from training.metrics import EvalAccumulator
 from training.train_step import make_eval_step, make_train_step
@@ -305,8 +309,9 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     compilation.enable_persistent_cache(FLAGS.config.compilation_cache_dir)
-    logging.info('JAX %s, %d processes, %d devices (%s)', jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].platform)
+    logging.info('JAX %s, %d processes, %d devices (%s); memory allocator: %s', jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform,
+                 allocator.describe())
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
     if 'preempted_at_step' in result:
         print(f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '

@@ -20,6 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training import allocator  # noqa: E402  (light: no jax, no torch)
 
 
 def _time(fn, steps: int) -> float:
@@ -64,7 +65,7 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise
 
     fwd = jax.jit(lambda v, x: model.apply(v, x))
     grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    out = {'framework': 'jax', 'backend': jax.default_backend(),
+    out = {'framework': 'jax', 'allocator': allocator.name(), 'backend': jax.default_backend(),
            'device': str(jax.devices()[0].device_kind), 'model': model.variant.name,
            'batch': batch, 'resolution': res, 'dtype': dtype,
            'depthwise': efficientnet.layers.resolve_depthwise_impl(depthwise, dt)}
@@ -126,7 +127,8 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict
     t = time.perf_counter()
     train()
     first = time.perf_counter() - t
-    out = {'framework': 'torch', 'version': torch.__version__, 'device': device,
+    out = {'framework': 'torch',
+           'allocator': allocator.name(), 'version': torch.__version__, 'device': device,
            'threads': torch.get_num_threads(), 'model': full, 'batch': batch, 'resolution': res,
            'dtype': dtype, 'first_step_s': first}
     out['fwd_s'] = _time(fwd, steps)
@@ -165,4 +167,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+    allocator.use_tcmalloc()  # the same allocator for every framework timed in this run
     sys.exit(main())

@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_model import _time, report  # noqa: E402  (timing and printing shared)
 
+from training import allocator  # noqa: E402  (light: no jax, no torch)
+
 
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir: str) -> dict:
     import jax
@@ -84,7 +86,9 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
         jax.block_until_ready(m)
 
     median = _time(run, steps)  # one warm-up call, then the median
-    return {'framework': 'jax', 'backend': jax.default_backend(), 'devices': jax.device_count(),
+    return {'framework': 'jax',
+            'allocator': allocator.name(), 'backend': jax.default_backend(),
+            'devices': jax.device_count(),
             'model': name, 'batch': batch, 'resolution': res, 'dtype': dtype,
             'depthwise': efficientnet.layers.resolve_depthwise_impl('auto', model.dtype),
             'time_to_first_step_s': first,
@@ -144,7 +148,8 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
     run()
     first = time.perf_counter() - t0
     median = _time(run, steps)
-    return {'framework': 'torch', 'version': torch.__version__, 'device': device,
+    return {'framework': 'torch',
+            'allocator': allocator.name(), 'version': torch.__version__, 'device': device,
             'threads': torch.get_num_threads(), 'memory_format':
             'channels_last' if channels_last else 'contiguous', 'model': name, 'batch': batch,
             'resolution': res, 'dtype': dtype, 'time_to_first_step_s': first, 'step_s': median,
@@ -188,4 +193,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+    allocator.use_tcmalloc()  # the same allocator for every framework timed in this run
     sys.exit(main())

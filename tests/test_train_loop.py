@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from training import checkpoint
+from training import allocator, checkpoint
 from training.config_resolve import ConfigError, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +72,8 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert _final_line(p.stdout).startswith('Final eval top-1: ')
     log = p.stderr
     assert 'step 8/8' in log and 'ETA' in log and 'img/s' in log
+    if allocator.find_tcmalloc():  # train.py re-executes itself under it (make setup installs it)
+        assert 'memory allocator: tcmalloc' in log
     assert log.count('eval at step') == 2 and 'on 40 examples' in log
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-1] == '8'
     assert os.listdir(os.path.join(workdir, 'best'))  # the best-by-top-1 checkpoint
