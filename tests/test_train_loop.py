@@ -218,6 +218,17 @@ def test_derived_values_follow_command_line_overrides():
     assert plan.micro_batch == 8 and plan.total_micro_steps == 2 * plan.total_steps
 
 
+def test_profiler_window_writes_a_trace_of_the_train_steps(env, tmp_path):
+    workdir = str(tmp_path)
+    p = _train(env, workdir, '--config.profile.start_step=2', '--config.profile.num_steps=2')
+    assert 'step 8/8' in p.stderr
+    traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, 'profile'))
+              for f in files if f.endswith('.xplane.pb')]
+    assert len(traces) == 1, traces
+    with open(traces[0], 'rb') as f:
+        assert b'train_step' in f.read()  # the window holds the jitted step's executions
+
+
 def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupted, tmp_path):
     """SIGTERM mid-run: the run saves at the step it reached and exits with status 0; the
     same command resumes, and a run resumed to step 8 equals the uninterrupted one."""
