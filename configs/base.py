@@ -15,6 +15,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.data_dir = ml_collections.FieldReference(None, field_type=str)
     d.manual_dir = ml_collections.FieldReference(None, field_type=str)
     d.folder = ml_collections.FieldReference(None, field_type=str)
+    d.fashion_mnist_dir = '/usr/share/datasets/fashion-mnist'  # Debian's dataset-fashion-mnist
     d.holdout_fraction = 0.1
     d.image_key = 'image'
     d.label_key = 'label'

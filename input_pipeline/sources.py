@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import struct
 import types
 from collections.abc import Callable, Mapping
@@ -30,6 +31,9 @@ import tensorflow_datasets as tfds
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# Where tfds's fashion_mnist builder downloads from (probed first: offline, tfds retries for
+# minutes before it fails).
+FASHION_MNIST_HOST = 'fashion-mnist.s3-website.eu-central-1.amazonaws.com'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 HOLDOUT_SPLITS = ('validation', 'test', 'holdout')
 
@@ -303,9 +307,16 @@ class TfdsSource(Source):
             train_tar = os.path.join(manual_dir or '', 'ILSVRC2012_img_train.tar')
             if not manual_dir or not os.path.exists(train_tar):
                 raise FileNotFoundError(_imagenet_missing_message(data_dir, manual_dir))
+        fashion = name.split(':')[0] == 'fashion_mnist'
+        if fashion and not _resolvable(FASHION_MNIST_HOST):
+            raise FileNotFoundError(_download_failed_message(
+                name, data_dir, f'{FASHION_MNIST_HOST} cannot be resolved: offline?'))
         logger.info('preparing tfds dataset %s (manual_dir=%s)', name, manual_dir)
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        self.builder.download_and_prepare(download_config=download_config)
+        try:
+            self.builder.download_and_prepare(download_config=download_config)
+        except (OSError, tfds.core.download.DownloadError) as e:  # requests' errors are OSErrors
+            raise FileNotFoundError(_download_failed_message(name, data_dir, e)) from e
 
     def num_examples(self, split: str) -> int:
         return self.builder.info.splits[split].num_examples
@@ -322,6 +333,29 @@ class TfdsSource(Source):
             lambda ex: {'image': ex[image_key], 'label': tf.cast(ex[label_key], tf.int32)}
         )
         return Shard(records, self.builder.info.splits[subsplit].num_examples, lambda r: r)
+
+
+def _resolvable(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 80)
+        return True
+    except OSError:
+        return False
+
+
+def _download_failed_message(name: str, data_dir: str | None, error: Any) -> str:
+    data_flag = f' --data_dir={data_dir}' if data_dir else ''
+    lines = [
+        f'tfds dataset {name} is not prepared in {data_dir or "the default tfds data_dir"} and '
+        f'could not be downloaded ({error}).',
+        f'Prepare it on a machine with internet access: tfds build {name}{data_flag}',
+        '  then copy the data_dir here (config.data.data_dir names it).',
+    ]
+    if name.split(':')[0] == 'fashion_mnist':
+        lines.append(
+            "Or, offline: install Debian's dataset-fashion-mnist package (`make data`), or set "
+            'config.data.fashion_mnist_dir to a directory holding the four idx .gz files.')
+    return '\n'.join(lines)
 
 
 def _is_prepared(builder) -> bool:

@@ -4,6 +4,7 @@
 import gzip
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +43,22 @@ def test_imagenet2012_missing_says_how_to_prepare(tmp_path):
     message = str(err.value)
     assert 'tfds build imagenet2012 --manual_dir=' in message
     assert 'ILSVRC2012_img_train.tar' in message and 'image-net.org' in message
+
+
+def test_fashion_mnist_missing_offline_fails_fast_and_says_how_to_prepare(tmp_path, monkeypatch):
+    # An unresolvable host (.invalid never resolves, RFC 2606) stands for a machine without
+    # internet: tfds itself would retry for minutes before its ConnectionError.
+    monkeypatch.setattr(sources, 'FASHION_MNIST_HOST', 'fashion-mnist.invalid')
+    config = fx.data_config(name='fashion_mnist', num_classes=10, data_dir=str(tmp_path / 'tfds'),
+                            fashion_mnist_dir=str(tmp_path / 'none'))
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        input_pipeline.dataset_info(config)
+    assert time.monotonic() - started < 30
+    message = str(err.value)
+    assert f'tfds build fashion_mnist --data_dir={tmp_path / "tfds"}' in message
+    assert 'dataset-fashion-mnist' in message and 'make data' in message
+    assert 'fashion_mnist_dir' in message
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason='run `make data` (Debian package)')
