@@ -87,13 +87,14 @@ def _format_eta(seconds: float) -> str:
     return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
 
 
-def _init_state(config: Any, model: Any, tx: Any, mesh: Any, ckpt: ckpt_lib.Checkpointer
-                ) -> tuple[Any, Any, bytes | None]:
+def _init_state(config: Any, model: Any, variables: Any, tx: Any, mesh: Any,
+                ckpt: ckpt_lib.Checkpointer) -> tuple[Any, Any, bytes | None]:
     """Resumes from the workdir if it holds a checkpoint, else initialises (optionally from
-    ``config.init_from``). Returns (state, shardings, data_state)."""
+    ``config.init_from``). ``variables``: the model's abstract variables. Returns (state,
+    shardings, data_state)."""
     init = state_lib.make_init_fn(model, tx, config.data.resolution)
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
+    abstract = state_lib.abstract_state_from_variables(variables, tx)
     shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(abstract, shardings)
@@ -161,15 +162,14 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
         plan.learning_rate, kind=o.schedule, warmup_steps=plan.warmup_steps,
         total_steps=plan.total_steps, decay_steps=plan.decay_steps, decay_factor=o.decay_factor,
         min_lr=o.min_learning_rate)
-    variables = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, config.data.resolution, config.data.resolution, 3))))
+    variables = state_lib.abstract_variables(model, config.data.resolution)
     decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
     tx = optim.create_optimizer(o, schedule, decay_mask)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_best=config.checkpoint.keep_best,
                                  async_save=config.checkpoint.async_save)
-    state, shardings, data_state = _init_state(config, model, tx, mesh, ckpt)
+    state, shardings, data_state = _init_state(config, model, variables, tx, mesh, ckpt)
     step = int(jax.device_get(state.step))
 
     dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]

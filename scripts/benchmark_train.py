@@ -36,7 +36,6 @@ from training import allocator  # noqa: E402  (light: no jax, no torch)
 
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir: str) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import efficientnet
@@ -58,12 +57,11 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
         o.base_learning_rate * batch / 256, kind=o.schedule, warmup_steps=100, total_steps=10_000,
         decay_steps=1000, decay_factor=o.decay_factor)
     mesh = sharding.create_mesh(1)
-    abstract_vars = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                      jnp.zeros((1, res, res, 3))))
+    abstract_vars = state_lib.abstract_variables(model, res)
     decay_mask = optim.weight_decay_mask(abstract_vars['params'], abstract_vars['batch_stats'])
     tx = optim.create_optimizer(o, schedule, decay_mask)
     init = state_lib.make_init_fn(model, tx, res)
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = state_lib.abstract_state_from_variables(abstract_vars, tx)
     shardings = sharding.state_shardings(abstract, mesh)
     state = state_lib.jit_init(init, shardings, mesh)(jax.random.key(0))
     step = make_train_step(

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -166,6 +167,50 @@ def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
                                 jax.tree.leaves(ref[name])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
                                        err_msg=f'{name}{jax.tree_util.keystr(path)}')
+
+
+def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_cleanly(
+        env, uninterrupted, tmp_path):
+    """SIGTERM to process 1 only (one preempted worker): jax's preemption sync point stops both
+    processes at the same step; they save it together and exit with status 0."""
+    port = _free_port()
+    e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    workdir = str(tmp_path / 'run')
+    logs = [(tmp_path / f'p{i}.out', tmp_path / f'p{i}.err') for i in range(2)]
+    procs = []
+    for i, (out_path, err_path) in enumerate(logs):
+        with open(out_path, 'w') as out_f, open(err_path, 'w') as err_f:
+            procs.append(subprocess.Popen(
+                _cmd(workdir, '--config.num_epochs=100', f'--coordinator_address=127.0.0.1:{port}',
+                     '--num_processes=2', f'--process_id={i}'),
+                env=e, cwd=ROOT, stdout=out_f, stderr=err_f, text=True))
+    try:
+        deadline = time.monotonic() + 420
+        while 'step 2/400' not in logs[0][1].read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [_first_error(r.read_text()) for _, r in logs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [(o.read_text(), r.read_text()) for o, r in logs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f'process {i}: {out[-2000:]}\n{_first_error(err)}'
+    saved = [int(m.group(1)) for _, err in outs
+             for m in [re.search(r'preemption requested: saving at step (\d+)', err)] if m]
+    assert len(saved) == 2 and saved[0] == saved[1], saved
+    assert 2 <= saved[0] < 400
+    assert any(line.startswith(f'Preempted: saved at step {saved[0]};')
+               for line in outs[0][0].splitlines())
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+    assert max(steps) == saved[0]
+    for i in range(2):
+        assert os.path.exists(os.path.join(workdir, 'data_state', str(saved[0]), f'process_{i}'))
+    assert int(_load(workdir, saved[0])['step']) == saved[0]
 
 
 @pytest.mark.parametrize('override,message', [
