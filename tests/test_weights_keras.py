@@ -26,6 +26,10 @@ TOLERANCE = 1e-4  # max |ours - keras| / max |keras|
 
 
 def keras_oracle(variant: str, resolution: int, seed: int, **kwargs) -> keras.Model:
+    # Seeded: Keras draws the conv kernels itself. Unseeded, an occasional draw of the deep
+    # variants amplifies float32 rounding through ~55 blocks (B7 logits of 170+ instead of ~2,
+    # relative differences up to 0.6 in one CI run); every seeded draw is the same network.
+    keras.utils.set_random_seed(seed)
     cls = getattr(keras.applications, 'EfficientNet' + variant.upper())
     model = cls(weights=None, input_shape=(resolution, resolution, 3),
                 classifier_activation=None, **kwargs)

@@ -68,6 +68,7 @@ def write_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> str:
 
 
 def keras_oracle() -> keras.Model:
+    keras.utils.set_random_seed(7)  # the same conv kernels every run (Keras draws them)
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(RES, RES, 3),
                                               classifier_activation=None)
     randomise(model, 7)  # non-trivial BatchNorm statistics and biases
