@@ -113,20 +113,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_two_processes(env, workdir, tmp_path):
-    """Runs the smoke config as two processes; returns [(returncode, stdout, stderr)] * 2."""
+def _start_two_processes(env, workdir, log_dir, *overrides):
+    """Starts the smoke config as two processes; returns (processes, [(out, err) paths])."""
     port = _free_port()
     e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
     # Output goes to files, not pipes: a process blocked on a full pipe while the other waits
     # for it at a barrier would deadlock until the coordination service aborts both.
-    logs = [(tmp_path / f'p{i}.out', tmp_path / f'p{i}.err') for i in range(2)]
+    logs = [(log_dir / f'p{i}.out', log_dir / f'p{i}.err') for i in range(2)]
     procs = []
     for i, (out_path, err_path) in enumerate(logs):
         with open(out_path, 'w') as out_f, open(err_path, 'w') as err_f:
             procs.append(subprocess.Popen(
-                _cmd(workdir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                     f'--process_id={i}'), env=e, cwd=ROOT, stdout=out_f, stderr=err_f,
-                text=True))
+                _cmd(workdir, *overrides, f'--coordinator_address=127.0.0.1:{port}',
+                     '--num_processes=2', f'--process_id={i}'),
+                env=e, cwd=ROOT, stdout=out_f, stderr=err_f, text=True))
+    return procs, logs
+
+
+def _run_two_processes(env, workdir, log_dir):
+    """Runs the smoke config as two processes; returns [(returncode, stdout, stderr)] * 2."""
+    procs, logs = _start_two_processes(env, workdir, log_dir)
     try:
         for p in procs:
             p.wait(timeout=480)
@@ -170,20 +176,11 @@ def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
 
 
 def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_cleanly(
-        env, uninterrupted, tmp_path):
+        env, tmp_path):
     """SIGTERM to process 1 only (one preempted worker): jax's preemption sync point stops both
     processes at the same step; they save it together and exit with status 0."""
-    port = _free_port()
-    e = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
     workdir = str(tmp_path / 'run')
-    logs = [(tmp_path / f'p{i}.out', tmp_path / f'p{i}.err') for i in range(2)]
-    procs = []
-    for i, (out_path, err_path) in enumerate(logs):
-        with open(out_path, 'w') as out_f, open(err_path, 'w') as err_f:
-            procs.append(subprocess.Popen(
-                _cmd(workdir, '--config.num_epochs=100', f'--coordinator_address=127.0.0.1:{port}',
-                     '--num_processes=2', f'--process_id={i}'),
-                env=e, cwd=ROOT, stdout=out_f, stderr=err_f, text=True))
+    procs, logs = _start_two_processes(env, workdir, tmp_path, '--config.num_epochs=100')
     try:
         deadline = time.monotonic() + 420
         while 'step 2/400' not in logs[0][1].read_text():
