@@ -178,10 +178,10 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
         label_smoothing=config.label_smoothing,
         weight_decay=o.weight_decay if o.weight_decay_mode == 'l2' else 0.0,
         weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
-        grad_accum_steps=plan.grad_accum_steps, normalization=config.data.normalization,
+        grad_accum_steps=plan.grad_accum_steps, normalization=plan.normalization,
         compute_dtype=dtype)
     eval_step = make_eval_step(model, mesh=mesh, state_shardings=shardings,
-                               normalization=config.data.normalization, compute_dtype=dtype)
+                               normalization=plan.normalization, compute_dtype=dtype)
 
     total = plan.total_micro_steps
     ckpt_every = plan.checkpoint_every_micro_steps

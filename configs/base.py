@@ -32,7 +32,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.randaugment_magnitude = 9
     d.mixup_alpha = 0.0
     d.cutmix_alpha = 0.0
-    d.normalization = 'imagenet'  # imagenet, advprop, lite (applied on device)
+    # imagenet, advprop or lite, applied on the device; None: the variant's own
+    # (Variant.normalization: lite for Lite, imagenet for the others)
+    d.normalization = ml_collections.FieldReference(None, field_type=str)
     d.shuffle_buffer = 16384
     d.cache = False
     d.fake_num_train = 1024

@@ -32,6 +32,31 @@ __version__ = '0.1.0'
 
 _OVERRIDES = ('dropout_rate', 'drop_path_rate', 'padding', 'depthwise_impl', 'bn_group_size',
               'activation', 'features_only')
+_SCALING = ('width', 'depth', 'resolution')
+
+
+def scaled_variant(name: str, *, width: float | None = None, depth: float | None = None,
+                   resolution: int | None = None) -> Variant:
+    """The named variant with its compound-scaling coefficients overridden.
+
+    A changed width or depth makes a custom member of the family, named
+    ``'<variant>-w<width>-d<depth>'``; ``resolution`` changes the native input size (and so the
+    eval crop fraction) without renaming it.
+    """
+    variant = get_variant(name)
+    for key, v in (('width', width), ('depth', depth)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f'{key} must be a positive number, got {v!r}')
+    if resolution is not None and not (isinstance(resolution, int) and resolution > 0):
+        raise ValueError(f'resolution must be a positive int, got {resolution!r}')
+    if width is not None or depth is not None:
+        width = variant.width if width is None else width
+        depth = variant.depth if depth is None else depth
+        variant = dataclasses.replace(variant, name=f'{variant.name}-w{width:g}-d{depth:g}',
+                                      width=width, depth=depth)
+    if resolution is not None:
+        variant = dataclasses.replace(variant, resolution=resolution)
+    return variant
 
 
 def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
@@ -42,12 +67,15 @@ def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32
     ``num_classes=0`` returns pooled features instead of logits. ``dtype`` is the computation
     dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
     drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
-    depthwise_impl ('auto', 'xla', 'unrolled'), bn_group_size, activation, features_only.
+    depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
+    features_only; and the scaling coefficients width, depth and resolution
+    (``scaled_variant``). This is the one place a model is built from a name: training, the
+    scripts and the tests all come through here.
     """
-    variant = get_variant(name)
-    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    unknown = sorted(set(overrides) - set(_OVERRIDES) - set(_SCALING))
     if unknown:
-        raise TypeError(f'unknown option(s) {unknown}; valid: {list(_OVERRIDES)}')
+        raise TypeError(f'unknown option(s) {unknown}; valid: {list(_OVERRIDES + _SCALING)}')
+    variant = scaled_variant(name, **{k: overrides.pop(k) for k in _SCALING if k in overrides})
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}')
     if overrides.get('padding', 'same') not in PADDINGS:
@@ -74,6 +102,7 @@ def model_info(name: str) -> dict[str, Any]:
         crop_fraction=v.crop_fraction,
         mean=v.mean,
         std=v.std,
+        normalization=v.normalization,
         activation=v.activation,
         squeeze_excite=v.use_se,
         num_blocks=len(build_blocks(v)),
@@ -92,4 +121,5 @@ __all__ = [
     'model_info',
     'round_filters',
     'round_repeats',
+    'scaled_variant',
 ]

@@ -10,14 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# ImageNet normalisation on [0, 255] input (RECIPE section 5).
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# AdvProp checkpoints expect x * 2 / 255 - 1; Lite expects (x - 127) / 128.
-ADVPROP_MEAN = (127.5, 127.5, 127.5)
-ADVPROP_STD = (127.5, 127.5, 127.5)
-LITE_MEAN = (127.0, 127.0, 127.0)
-LITE_STD = (128.0, 128.0, 128.0)
+from efficientnet.normalization import NORMALIZATIONS
 
 CROP_PADDING = 32
 
@@ -78,12 +71,18 @@ class Variant:
         return self.resolution / (self.resolution + CROP_PADDING)
 
     @property
+    def normalization(self) -> str:
+        """The input contract: the name (in ``efficientnet.normalization.NORMALIZATIONS``) of
+        the normalisation this variant's published weights expect on [0, 255] input."""
+        return 'lite' if self.is_lite else 'imagenet'
+
+    @property
     def mean(self) -> tuple[float, float, float]:
-        return LITE_MEAN if self.is_lite else IMAGENET_MEAN
+        return NORMALIZATIONS[self.normalization][0]
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return LITE_STD if self.is_lite else IMAGENET_STD
+        return NORMALIZATIONS[self.normalization][1]
 
 
 def _variants() -> dict[str, Variant]:

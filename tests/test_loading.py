@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import efficientnet
-from efficientnet import arch
+from efficientnet import arch, normalization
 from efficientnet.weights import WeightsMismatchError, save_variables
 from tests import input_fixtures as fx
 from training import loading
@@ -226,7 +226,7 @@ def test_torch_round_trip_matches_efficientnet_pytorch(torch_tiny):
     assert (loaded.name, loaded.format, loaded.num_classes) == (TINY, 'torch', 6)
     assert (loaded.normalization, loaded.interpolation) == ('imagenet', 'bicubic')
     images = np.random.default_rng(6).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
-    x = normalised(images, arch.IMAGENET_MEAN, arch.IMAGENET_STD)
+    x = normalised(images, normalization.IMAGENET_MEAN, normalization.IMAGENET_STD)
     with torch.no_grad():
         expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     ours = loaded.logits(images)
@@ -308,7 +308,7 @@ def test_tf_checkpoint_round_trip_takes_the_ema(tmp_path):
     images = np.random.default_rng(10).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
     # weights=None Keras only divides by 255 (Normalization stays the identity until adapted):
     # fed 255 * normalised images it computes what our 'imagenet' normalisation gives ours.
-    x = 255.0 * normalised(images, arch.IMAGENET_MEAN, arch.IMAGENET_STD)
+    x = 255.0 * normalised(images, normalization.IMAGENET_MEAN, normalization.IMAGENET_STD)
     expected = np.asarray(oracle(x, training=False))
     ours = ema.logits(images)
     assert np.max(np.abs(ours - expected)) / np.max(np.abs(expected)) < 1e-4
@@ -423,7 +423,7 @@ def test_workdir_takes_the_best_ema_checkpoint():
     images = np.random.default_rng(11).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
     expected = jax.jit(model.apply)(
         {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']},
-        normalised(images, arch.IMAGENET_MEAN, arch.IMAGENET_STD),
+        normalised(images, normalization.IMAGENET_MEAN, normalization.IMAGENET_STD),
     )
     np.testing.assert_allclose(loaded.logits(images), expected, rtol=1e-5, atol=1e-5)
 

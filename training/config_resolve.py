@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import efficientnet
 from efficientnet import arch
 from efficientnet.layers import DEPTHWISE_IMPLS
-from training.train_step import NORMALIZATIONS
+from efficientnet.normalization import NORMALIZATIONS
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -43,6 +43,7 @@ class RunPlan:
     micro_batch: int  # examples per train-step call (global)
     local_micro_batch: int  # per process
     eval_batch: int
+    normalization: str  # config.data.normalization, else the variant's own
     learning_rate: float
     steps_per_epoch: int
     total_steps: int
@@ -95,7 +96,7 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
     _check(errors, m.depthwise_impl in DEPTHWISE_IMPLS,
            f'config.model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, '
            f'got {m.depthwise_impl!r}')
-    _check(errors, c.data.normalization in NORMALIZATIONS,
+    _check(errors, c.data.normalization is None or c.data.normalization in NORMALIZATIONS,
            f'config.data.normalization must be one of {sorted(NORMALIZATIONS)}, '
            f'got {c.data.normalization!r}')
     _check(errors, _positive_int(c.batch_size),
@@ -184,6 +185,7 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
         micro_batch=micro,
         local_micro_batch=micro // process_count,
         eval_batch=eval_batch,
+        normalization=c.data.normalization or arch.get_variant(m.name).normalization,
         learning_rate=o.base_learning_rate * c.batch_size / 256.0,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
@@ -198,16 +200,11 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
 def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
     """The model from ``config.model``; width/depth overrides give a custom-scaled member."""
     m = config.model
-    variant = arch.get_variant(m.name)
-    if m.width is not None or m.depth is not None:
-        width = variant.width if m.width is None else m.width
-        depth = variant.depth if m.depth is None else m.depth
-        variant = dataclasses.replace(variant, name=f'{variant.name}-w{width:g}-d{depth:g}',
-                                      width=width, depth=depth)
-    return efficientnet.EfficientNet(
-        variant, num_classes=num_classes, dtype=COMPUTE_DTYPES[m.compute_dtype],
-        dropout_rate=m.dropout_rate, drop_path_rate=m.drop_path_rate,
-        bn_group_size=m.bn_group_size, depthwise_impl=m.depthwise_impl)
+    return efficientnet.create_model(
+        m.name, num_classes=num_classes, dtype=COMPUTE_DTYPES[m.compute_dtype], width=m.width,
+        depth=m.depth, resolution=config.data.resolution, dropout_rate=m.dropout_rate,
+        drop_path_rate=m.drop_path_rate, bn_group_size=m.bn_group_size,
+        depthwise_impl=m.depthwise_impl)
 
 
 def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:

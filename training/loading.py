@@ -45,7 +45,7 @@ class LoadedModel:
     num_classes: int
     resolution: int
     crop_fraction: float | None  # None means S / (S + 32) (the pipeline's convention)
-    normalization: str  # 'imagenet' | 'advprop' | 'lite' (training.train_step.normalize_images)
+    normalization: str  # 'imagenet' | 'advprop' | 'lite' (efficientnet.normalization)
     interpolation: str  # 'bicubic' | 'bilinear'
     source: str = ''  # what was loaded, for messages
     format: str = ''  # one of FORMATS
@@ -61,7 +61,7 @@ class LoadedModel:
         weights expect, then applies the model with ``train=False``. Jit follows the arguments'
         shardings, so a caller may pass a batch split over devices and replicated variables."""
         if self.normalization not in self._jitted:
-            from training.train_step import normalize_images
+            from efficientnet.normalization import normalize_images
 
             model, normalization = self.model, self.normalization
 
@@ -188,7 +188,7 @@ def load_model(
     except ValueError as e:
         raise _prefixed(e, f'loading {what}: ') from e
     if normalization is not None:
-        from training.train_step import NORMALIZATIONS
+        from efficientnet.normalization import NORMALIZATIONS
 
         if normalization not in NORMALIZATIONS:
             raise ValueError(
@@ -261,7 +261,8 @@ def _load_workdir(
         num_classes=classes,
         resolution=int(d.resolution),
         crop_fraction=d.get('crop_fraction'),
-        normalization=d.get('normalization', 'imagenet'),
+        normalization=saved.get('derived', {}).get('normalization')
+        or d.get('normalization') or module.variant.normalization,
         interpolation=d.get('interpolation', 'bicubic'),
         source=source,
         format=fmt,

@@ -16,30 +16,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from efficientnet import arch
+from efficientnet.normalization import normalize_images
 from training import ema as ema_lib
 from training import metrics as metrics_lib
 from training import optim, sharding
 from training.losses import cross_entropy
 from training.state import TrainState
-
-NORMALIZATIONS = {
-    'imagenet': (arch.IMAGENET_MEAN, arch.IMAGENET_STD),
-    'advprop': (arch.ADVPROP_MEAN, arch.ADVPROP_STD),
-    'lite': (arch.LITE_MEAN, arch.LITE_STD),
-}
-
-
-def normalize_images(images: jax.Array, normalization: str, dtype: Any) -> jax.Array:
-    """uint8 [0, 255] NHWC -> normalised ``dtype``; arithmetic in float32, then cast."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f'unknown normalization {normalization!r}; '
-                         f'expected one of {sorted(NORMALIZATIONS)}')
-    mean, std = NORMALIZATIONS[normalization]
-    x = images.astype(jnp.float32)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return x.astype(dtype)
-
 
 def make_train_step(
     model: nn.Module,

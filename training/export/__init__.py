@@ -2,7 +2,7 @@
 
 Every exporter takes the flax module and its ``{'params', 'batch_stats'}`` variables (what
 ``training.loading.load_model`` returns), an optional resolution (the variant's by default)
-and the input normalisation (a ``training.train_step.NORMALIZATIONS`` name or a (mean, std)
+and the input normalisation (a ``efficientnet.normalization.NORMALIZATIONS`` name or a (mean, std)
 pair; the variant's by default). Every exported model takes uint8 images [N, S, S, 3] and
 returns float32 'logits' and 'probabilities'. ``run_*`` run an exported file with its own
 runtime (TF, the TFLite interpreter, onnxruntime), for checks. See docs/export.md.

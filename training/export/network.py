@@ -123,9 +123,9 @@ def _out_size(size: int, layer: Conv, net: FoldedNetwork) -> int:
 def resolve_normalization(
     normalization: str | tuple | None, variant: arch.Variant
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """A name from ``training.train_step.NORMALIZATIONS``, an explicit (mean, std) pair, or
+    """A name from ``efficientnet.normalization.NORMALIZATIONS``, an explicit (mean, std) pair, or
     None for the variant's own (ImageNet mean/std; (x - 127) / 128 for Lite)."""
-    from training.train_step import NORMALIZATIONS
+    from efficientnet.normalization import NORMALIZATIONS
 
     if normalization is None:
         return tuple(variant.mean), tuple(variant.std)
