@@ -26,11 +26,10 @@ from absl import app, flags, logging
 from clu import metric_writers
 from ml_collections import config_flags
 
-from training import allocator, compilation, config_resolve, data, optim, sharding
+from training import allocator, compilation, config_resolve, data, sharding
 from training import checkpoint as ckpt_lib
-from training import state as state_lib
+from training import run as run_lib
 from training.metrics import EvalAccumulator
-from training.train_step import make_eval_step, make_train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
@@ -87,20 +86,15 @@ def _format_eta(seconds: float) -> str:
     return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
 
 
-def _init_state(config: Any, model: Any, variables: Any, tx: Any, mesh: Any,
-                ckpt: ckpt_lib.Checkpointer) -> tuple[Any, Any, bytes | None]:
+def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, bytes | None]:
     """Resumes from the workdir if it holds a checkpoint, else initialises (optionally from
-    ``config.init_from``). ``variables``: the model's abstract variables. Returns (state,
-    shardings, data_state)."""
-    init = state_lib.make_init_fn(model, tx, config.data.resolution)
-    rng = jax.random.key(config.seed)
-    abstract = state_lib.abstract_state_from_variables(variables, tx)
-    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    ``config.init_from``). Returns (state, data_state)."""
+    config, tx, shardings = run.config, run.tx, run.state_shardings
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(abstract, shardings)
+        state, data_state = ckpt.restore(run.abstract_state, shardings)
         logging.info('resumed from step %d', int(state.step))
-        return state, shardings, data_state
-    state = state_lib.jit_init(init, shardings, mesh)(rng)
+        return state, data_state
+    state = run.init_state()
     if config.init_from:
         pre = ckpt_lib.load_pretrained(config.init_from)
         params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
@@ -120,7 +114,7 @@ def _init_state(config: Any, model: Any, variables: Any, tx: Any, mesh: Any,
                                   tx.init, out_shardings=shardings.opt_state)(params))
         logging.info('initialised from %s; re-initialised: %s', config.init_from,
                      fresh + fresh_bs or 'nothing')
-    return state, shardings, None
+    return state, None
 
 
 def evaluate(eval_step: Any, state: Any, config: Any, plan: Any, mesh: Any) -> dict[str, float]:
@@ -155,33 +149,14 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
         config_resolve.write_resolved(config, plan, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-    mesh = sharding.create_mesh(config.mesh.fsdp)
-    model = config_resolve.build_model(config, plan.num_classes)
-    o = config.optim
-    schedule = optim.create_learning_rate_schedule(
-        plan.learning_rate, kind=o.schedule, warmup_steps=plan.warmup_steps,
-        total_steps=plan.total_steps, decay_steps=plan.decay_steps, decay_factor=o.decay_factor,
-        min_lr=o.min_learning_rate)
-    variables = state_lib.abstract_variables(model, config.data.resolution)
-    decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
-    tx = optim.create_optimizer(o, schedule, decay_mask)
+    run = run_lib.create_run(config, plan)
+    mesh, train_step, eval_step = run.mesh, run.train_step, run.eval_step
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  keep_best=config.checkpoint.keep_best,
                                  async_save=config.checkpoint.async_save)
-    state, shardings, data_state = _init_state(config, model, variables, tx, mesh, ckpt)
+    state, data_state = _init_state(run, ckpt)
     step = int(jax.device_get(state.step))
-
-    dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
-    train_step = make_train_step(
-        model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=config.seed,
-        label_smoothing=config.label_smoothing,
-        weight_decay=o.weight_decay if o.weight_decay_mode == 'l2' else 0.0,
-        weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
-        grad_accum_steps=plan.grad_accum_steps, normalization=plan.normalization,
-        compute_dtype=dtype)
-    eval_step = make_eval_step(model, mesh=mesh, state_shardings=shardings,
-                               normalization=plan.normalization, compute_dtype=dtype)
 
     total = plan.total_micro_steps
     ckpt_every = plan.checkpoint_every_micro_steps

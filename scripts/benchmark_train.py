@@ -3,7 +3,7 @@
     python scripts/benchmark_train.py [--model efficientnet-b0] [--batch 16] [--resolution 224]
         [--dtype float32|bfloat16] [--steps 5] [--torch] [--json] [--cache-dir DIR]
 
-Ours is the step ``train.py`` runs (``training.train_step.make_train_step``: forward and
+Ours is the step ``train.py`` runs (wired by ``training.run.create_run``: forward and
 backward in training mode, label smoothing, L2 weight decay, TF1 RMSProp with the official
 schedule, the EMA update over weights and BatchNorm statistics), jitted over every device JAX
 finds, fed synthetic uint8 batches that are already on the device. "Time to first step" counts
@@ -40,9 +40,8 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
 
     import efficientnet
     from configs import base
-    from training import compilation, config_resolve, optim, sharding
-    from training import state as state_lib
-    from training.train_step import make_train_step
+    from training import compilation, config_resolve, sharding
+    from training import run as run_lib
 
     compilation.enable_persistent_cache(cache_dir)
     t0 = time.perf_counter()
@@ -51,24 +50,13 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
     config.model.compute_dtype = dtype
     config.data.resolution = res
     config.batch_size = batch
-    model = config_resolve.build_model(config, 1000)
-    o = config.optim
-    schedule = optim.create_learning_rate_schedule(
-        o.base_learning_rate * batch / 256, kind=o.schedule, warmup_steps=100, total_steps=10_000,
-        decay_steps=1000, decay_factor=o.decay_factor)
-    mesh = sharding.create_mesh(1)
-    abstract_vars = state_lib.abstract_variables(model, res)
-    decay_mask = optim.weight_decay_mask(abstract_vars['params'], abstract_vars['batch_stats'])
-    tx = optim.create_optimizer(o, schedule, decay_mask)
-    init = state_lib.make_init_fn(model, tx, res)
-    abstract = state_lib.abstract_state_from_variables(abstract_vars, tx)
-    shardings = sharding.state_shardings(abstract, mesh)
-    state = state_lib.jit_init(init, shardings, mesh)(jax.random.key(0))
-    step = make_train_step(
-        model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=0,
-        label_smoothing=config.label_smoothing, weight_decay=o.weight_decay,
-        weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
-        compute_dtype=config_resolve.COMPUTE_DTYPES[dtype])
+    # ImageNet's sizes: the schedule's step counts do not change the step's cost.
+    imagenet = {'num_classes': 1000, 'num_train': 1_281_167, 'num_eval': 50_000}
+    plan = config_resolve.resolve(config, device_count=jax.device_count(),
+                                  dataset_info_fn=lambda _: imagenet)
+    run = run_lib.create_run(config, plan)
+    model, mesh, step = run.model, run.mesh, run.train_step
+    state = run.init_state(0)
     rng = np.random.default_rng(0)
     local = {'image': rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
              'label': rng.integers(0, 1000, (batch,), dtype=np.int32)}
@@ -79,11 +67,11 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
 
     box = [state]
 
-    def run():
+    def one_step():
         box[0], m = step(box[0], device_batch)
         jax.block_until_ready(m)
 
-    median = _time(run, steps)  # one warm-up call, then the median
+    median = _time(one_step, steps)  # one warm-up call, then the median
     return {'framework': 'jax',
             'allocator': allocator.name(), 'backend': jax.default_backend(),
             'devices': jax.device_count(),

@@ -20,7 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 import efficientnet
-from efficientnet import arch, normalization
+from efficientnet import normalization
 from efficientnet.classes import imagenet_class_names, imagenet_wnids
 from efficientnet.weights import save_variables
 from scripts import eval as eval_script
@@ -69,7 +69,8 @@ def oracle_apply(name: str, variables: dict, images: np.ndarray) -> np.ndarray:
         else 0
     )
     model = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl='xla')
-    x = (images.astype(np.float32) - np.float32(normalization.IMAGENET_MEAN)) / np.float32(normalization.IMAGENET_STD)
+    mean, std = normalization.IMAGENET_MEAN, normalization.IMAGENET_STD
+    x = (images.astype(np.float32) - np.float32(mean)) / np.float32(std)
     return np.asarray(jax.jit(model.apply)(variables, x), np.float64)
 
 

@@ -107,6 +107,34 @@ def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):
     assert _final_line(second.stdout) == _final_line(uninterrupted[1].stdout)
 
 
+def test_train_and_evaluate_in_process_equals_the_command_line_run(uninterrupted, tmp_path):
+    """``train.train_and_evaluate`` called in-process on the smoke config: the metrics it returns,
+    the checkpoints and config.json it writes, and a final state bit-identical to the same
+    config run through the command line."""
+    import train
+
+    workdir = str(tmp_path)
+    result = train.train_and_evaluate(smoke.get_config(), workdir)
+    assert result['step'] == 8 and result['eval/count'] == 40
+    for name in ('raw', 'ema'):
+        assert 0.0 <= result[f'eval/{name}_top1'] <= result[f'eval/{name}_top5'] <= 1.0
+        assert np.isfinite(result[f'eval/{name}_loss'])
+    ref_dir = uninterrupted[0]
+    for sub in ('checkpoints', 'best'):
+        assert sorted(os.listdir(os.path.join(workdir, sub))) == sorted(
+            os.listdir(os.path.join(ref_dir, sub)))
+    with open(os.path.join(workdir, 'config.json')) as f:
+        derived = json.load(f)['derived']
+    assert (derived['total_steps'], derived['normalization']) == (8, 'imagenet')
+    flat_ref = dict(jax.tree_util.tree_flatten_with_path(_load(ref_dir, 8))[0])
+    for path, a in jax.tree_util.tree_flatten_with_path(_load(workdir, 8))[0]:
+        np.testing.assert_array_equal(a, flat_ref[path], err_msg=jax.tree_util.keystr(path))
+    # The command line printed the same final numbers.
+    assert _final_line(uninterrupted[1].stdout) == (
+        f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
+        f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step 8')
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

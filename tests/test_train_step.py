@@ -1,15 +1,17 @@
 """The jitted steps on a tiny model: 8 devices == 1 device, float32 loss under bfloat16, exact
 eval counts, and checkpoints restored onto a different mesh."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import smoke
-from training import checkpoint, compilation, config_resolve, fake_data, optim, sharding
-from training import state as state_lib
-from training.train_step import make_eval_step, make_train_step
+from training import checkpoint, compilation, fake_data, sharding
+from training import run as run_lib
+from training.train_step import make_eval_step
 
 
 def _config(**model):
@@ -20,21 +22,13 @@ def _config(**model):
     return c
 
 
-def _build(config, mesh, fsdp_min_size=2 ** 14):
-    plan = config_resolve.resolve(config, device_count=mesh.size)
-    model = config_resolve.build_model(config, plan.num_classes)
-    schedule = optim.create_learning_rate_schedule(
-        plan.learning_rate, warmup_steps=plan.warmup_steps, decay_steps=plan.decay_steps)
-    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    mask = optim.weight_decay_mask(v['params'], v['batch_stats'])
-    tx = optim.create_optimizer(config.optim, schedule, mask)
-    state, shardings = state_lib.create_train_state(model, tx, 32, jax.random.key(0), mesh,
-                                                    fsdp_min_size)
-    dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
-    step = make_train_step(model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=0,
-                           label_smoothing=0.1, weight_decay=1e-5, weight_decay_mask=mask,
-                           ema_decay=0.99, compute_dtype=dtype)
-    return plan, model, state, shardings, step
+def _build(config, mesh, fsdp_min_size=None):
+    """The run train.py wires (training.run.create_run) on ``mesh``, its state from key 0."""
+    if fsdp_min_size is not None:
+        config = copy.deepcopy(config)
+        config.mesh.fsdp_min_size = fsdp_min_size
+    run = run_lib.create_run(config, mesh=mesh)
+    return run.plan, run.model, run.init_state(0), run.state_shardings, run.train_step
 
 
 def _batch(config, step=0):
@@ -82,17 +76,11 @@ def test_eight_devices_equal_one_device(eight_device_run):
 
 def test_loss_stays_float32_under_bfloat16():
     config = _config(compute_dtype='bfloat16')
-    mesh = sharding.create_mesh(1)
-    plan = config_resolve.resolve(config, device_count=8)
-    model = config_resolve.build_model(config, plan.num_classes)
-    tx = optim.create_optimizer(config.optim, lambda s: 0.1)
-    abstract = state_lib.abstract_train_state(model, tx, 32)
-    shardings = sharding.state_shardings(abstract, mesh)
-    step = make_train_step(model, tx, lambda s: 0.1, mesh=mesh, state_shardings=shardings,
-                           seed=0, compute_dtype=jnp.bfloat16)
+    run = run_lib.create_run(config, mesh=sharding.create_mesh(1))
+    model, abstract = run.model, run.abstract_state
     batch = {'image': jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.uint8),
              'label': jax.ShapeDtypeStruct((16,), jnp.int32)}
-    new_state, metrics = jax.eval_shape(step, abstract, batch)
+    new_state, metrics = jax.eval_shape(run.train_step, abstract, batch)
     assert metrics['loss'].dtype == jnp.float32
     assert metrics['total_loss'].dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))

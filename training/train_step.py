@@ -23,6 +23,7 @@ from training import optim, sharding
 from training.losses import cross_entropy
 from training.state import TrainState
 
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,

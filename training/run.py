@@ -1,0 +1,84 @@
+"""One wiring of a training run from a config: mesh, model, learning-rate schedule, optimizer,
+state shapes and shardings, and the jitted train and eval steps.
+
+``train.py``, ``scripts/benchmark_train.py`` and the tests all build their runs through
+``create_run``, so the pieces meet in one place and a benchmark or a test runs exactly the step
+that training runs. Restoring or initialising the state stays with the caller (``train.py``
+resumes from checkpoints; tests and benchmarks call ``Run.init_state``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from efficientnet import EfficientNet
+from training import config_resolve, optim, sharding
+from training import state as state_lib
+from training.state import TrainState
+from training.train_step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a training loop needs besides the state and the data."""
+
+    config: Any
+    plan: config_resolve.RunPlan
+    mesh: Mesh
+    model: EfficientNet
+    schedule: optim.Schedule
+    tx: optax.GradientTransformation
+    weight_decay_mask: Any
+    abstract_variables: Any  # the model's variables as shapes (eval_shape; nothing allocated)
+    abstract_state: TrainState
+    state_shardings: Any
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[TrainState, dict], dict]
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """The step-0 state, created directly in its shardings from ``seed`` (default:
+        ``config.seed``)."""
+        seed = self.config.seed if seed is None else seed
+        init = state_lib.make_init_fn(self.model, self.tx, self.config.data.resolution)
+        return state_lib.jit_init(init, self.state_shardings, self.mesh)(jax.random.key(seed))
+
+
+def create_run(config: Any, plan: config_resolve.RunPlan | None = None, *,
+               mesh: Mesh | None = None) -> Run:
+    """Wires a run from ``config``. ``plan`` defaults to ``config_resolve.resolve`` over the
+    mesh's devices; ``mesh`` defaults to a (data, fsdp) mesh over every device."""
+    mesh = mesh or sharding.create_mesh(config.mesh.fsdp)
+    if plan is None:
+        plan = config_resolve.resolve(config, device_count=mesh.size,
+                                      process_count=jax.process_count())
+    o = config.optim
+    model = config_resolve.build_model(config, plan.num_classes)
+    schedule = optim.create_learning_rate_schedule(
+        plan.learning_rate, kind=o.schedule, warmup_steps=plan.warmup_steps,
+        total_steps=plan.total_steps, decay_steps=plan.decay_steps, decay_factor=o.decay_factor,
+        min_lr=o.min_learning_rate)
+    variables = state_lib.abstract_variables(model, config.data.resolution)
+    decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
+    tx = optim.create_optimizer(o, schedule, decay_mask)
+    abstract = state_lib.abstract_state_from_variables(variables, tx)
+    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
+    train_step = make_train_step(
+        model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=config.seed,
+        label_smoothing=config.label_smoothing,
+        weight_decay=o.weight_decay if o.weight_decay_mode == 'l2' else 0.0,
+        weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
+        grad_accum_steps=plan.grad_accum_steps, normalization=plan.normalization,
+        compute_dtype=dtype)
+    eval_step = make_eval_step(model, mesh=mesh, state_shardings=shardings,
+                               normalization=plan.normalization, compute_dtype=dtype)
+    return Run(config=config, plan=plan, mesh=mesh, model=model, schedule=schedule, tx=tx,
+               weight_decay_mask=decay_mask, abstract_variables=variables,
+               abstract_state=abstract, state_shardings=shardings, train_step=train_step,
+               eval_step=eval_step)
