@@ -2,6 +2,7 @@
 eval counts, and checkpoints restored onto a different mesh."""
 
 import copy
+import os
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,17 @@ def test_checkpoint_restores_onto_a_different_mesh(eight_device_run, tmp_path):
     assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # really sharded over fsdp
     for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(r['state']))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_data_states_are_removed_with_their_checkpoints(eight_device_run, tmp_path):
+    """Rotation removes a step's data-state directory along with its checkpoint."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, keep_best=False)
+    for step in (1, 2, 3):
+        ckpt.save(step, eight_device_run['state'], data_state=b'{"step": %d}' % step)
+        ckpt.wait()
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
+    assert sorted(os.listdir(tmp_path / 'data_state')) == ['3']
 
 
 def test_cpu_init_compiler_options_are_applied_and_keep_values_bit_identical(monkeypatch):

@@ -99,9 +99,14 @@ class Checkpointer:
         keep = set(self.latest.all_steps()) | {max(self.latest.all_steps(), default=-1)}
         for name in os.listdir(self.data_dir):
             if name.isdigit() and int(name) not in keep and int(name) < max(keep, default=0):
-                p = os.path.join(self.data_dir, name, f'process_{jax.process_index()}')
+                step_dir = os.path.join(self.data_dir, name)
+                p = os.path.join(step_dir, f'process_{jax.process_index()}')
                 if os.path.exists(p):
                     os.remove(p)
+                try:  # the last process to prune a step removes its directory
+                    os.rmdir(step_dir)
+                except OSError:  # another process's file is still there
+                    pass
 
     # -- restoring ------------------------------------------------------------------------
     def latest_step(self) -> int | None:
