@@ -288,6 +288,14 @@ def test_derived_values_follow_command_line_overrides():
     assert plan.micro_batch == 8 and plan.total_micro_steps == 2 * plan.total_steps
 
 
+@pytest.mark.parametrize('model,normalization,expected', [
+    ('efficientnet-b0', None, 'imagenet'), ('efficientnet-lite0', None, 'lite'),
+    ('efficientnet-lite0', 'advprop', 'advprop')])
+def test_normalization_defaults_to_the_variants_own(model, normalization, expected):
+    plan = _resolve(**{'model.name': model, 'data.normalization': normalization})
+    assert plan.normalization == expected
+
+
 def test_profiler_window_writes_a_trace_of_the_train_steps(env, tmp_path):
     workdir = str(tmp_path)
     p = _train(env, workdir, '--config.profile.start_step=2', '--config.profile.num_steps=2')
