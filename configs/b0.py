@@ -1,15 +1,7 @@
-"""EfficientNet-B0 on ImageNet: the official recipe at 224 px, dropout 0.2, autoaugment.
-
-Derived values (learning rate, steps) are resolved in training/config_resolve.py.
-"""
+"""EfficientNet-B0 on ImageNet: the official recipe with AutoAugment."""
 
 from configs import base
 
 
 def get_config():
-    config = base.get_config()
-    config.model.name = 'efficientnet-b0'
-    config.model.dropout_rate = 0.2
-    config.data.resolution = 224
-    config.data.augment = 'autoaugment'
-    return config
+    return base.variant_config('efficientnet-b0', augment='autoaugment')

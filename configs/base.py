@@ -7,6 +7,10 @@ total steps) are resolved in training/config_resolve.py, so command-line overrid
 
 import ml_collections
 
+from efficientnet import arch
+
+DEFAULT_MODEL = 'efficientnet-b0'
+
 
 def get_data_config() -> ml_collections.ConfigDict:
     """``config.data``, the input-pipeline contract (docs/interfaces.md)."""
@@ -22,7 +26,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.train_split = 'train'
     d.eval_split = 'validation'
     d.num_classes = 1000
-    d.resolution = 224
+    d.resolution = arch.get_variant(DEFAULT_MODEL).resolution  # the default model's native size
     d.crop_fraction = ml_collections.FieldReference(None, field_type=float)  # None: S / (S + 32)
     d.interpolation = 'bicubic'
     d.random_crop = True
@@ -46,13 +50,13 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = 'efficientnet-b0'
+    config.model.name = DEFAULT_MODEL
     # Optional overrides of the variant's compound-scaling record (None: the variant's own);
     # tests and small runs use width = depth = 0.25.
     config.model.width = ml_collections.FieldReference(None, field_type=float)
     config.model.depth = ml_collections.FieldReference(None, field_type=float)
     config.model.dropout_rate = ml_collections.FieldReference(None, field_type=float)
-    config.model.drop_path_rate = 0.2
+    config.model.drop_path_rate = arch.DROP_PATH_RATE
     config.model.depthwise_impl = 'auto'  # auto, xla, unrolled (see efficientnet.layers)
     config.model.compute_dtype = 'bfloat16'  # float32 | bfloat16; params stay float32
     # Examples per BatchNorm statistics group (TPU cross-replica groups in the official recipe,
@@ -107,4 +111,25 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = ml_collections.ConfigDict()
     config.profile.start_step = -1  # >= 0: capture a trace window starting there
     config.profile.num_steps = 5
+    return config
+
+
+def variant_config(
+    name: str, *, augment: str, randaugment_magnitude: int | None = None
+) -> ml_collections.ConfigDict:
+    """The official ImageNet recipe for one variant (``configs/b0.py`` ... ``b7.py``).
+
+    The variant's native resolution and dropout rate come from ``efficientnet.arch`` (as does
+    the stochastic-depth rate, the family's and already the default); the caller states only
+    the augmentation the published recipe chose for it: ``'autoaugment'``, or
+    ``'randaugment'`` with its magnitude (``randaugment_magnitude``; None keeps the default).
+    """
+    variant = arch.get_variant(name)
+    config = get_config()
+    config.model.name = variant.name
+    config.model.dropout_rate = variant.dropout
+    config.data.resolution = variant.resolution
+    config.data.augment = augment
+    if randaugment_magnitude is not None:
+        config.data.randaugment_magnitude = randaugment_magnitude
     return config

@@ -37,28 +37,23 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model.name = 'efficientnet-b0'
+    # Lighter regularisation than pretraining, and an EMA over this short run (see above).
     config.model.drop_path_rate = 0.1
+    config.ema_decay = 0.99
     config.data.name = 'folder'
     config.data.folder = None  # required: --config.data.folder=DIR
     config.data.holdout_fraction = 0.2  # a larger held-out part than 0.1: small folders
-    config.data.train_split = 'train'
-    config.data.eval_split = 'validation'
     # None: the number of class folders (set it to make resolution check the count).
     config.data.num_classes = ml_collections.FieldReference(None, field_type=int)
-    config.data.shuffle_buffer = 16384
     config.batch_size = 64
     config.num_epochs = 10.0
     config.optim.name = 'momentum'
-    config.optim.momentum = 0.9
     config.optim.base_learning_rate = 0.01  # per 256 images
     config.optim.schedule = 'cosine'
     config.optim.warmup_epochs = 0.5
-    config.optim.weight_decay = 1e-5
-    config.label_smoothing = 0.1
-    config.ema_decay = 0.99
     config.eval_every_epochs = 1.0
     config.log_every_steps = 20
     config.checkpoint.every_steps = 500
     config.checkpoint.keep = 2
-    # config.init_from: set on the command line (a weights file or a workdir of ours).
+    config.init_from = None  # required: a weights file or a workdir of ours
     return config

@@ -13,6 +13,9 @@ import math
 from efficientnet.normalization import NORMALIZATIONS
 
 CROP_PADDING = 32
+# The stochastic-depth (drop-connect) rate of the official recipe, the same for every variant:
+# block i of N is skipped with probability DROP_PATH_RATE * i / N (see build_blocks).
+DROP_PATH_RATE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +201,7 @@ def stage_repeats(variant: Variant) -> list[int]:
     return out
 
 
-def build_blocks(variant: Variant, drop_path_rate: float = 0.2) -> list[BlockSpec]:
+def build_blocks(variant: Variant, drop_path_rate: float = DROP_PATH_RATE) -> list[BlockSpec]:
     """Expands the B0 stage table into the scaled list of blocks.
 
     Block i of N survives stochastic depth with probability ``1 - drop_path_rate * i / N``

@@ -95,7 +95,7 @@ class EfficientNet(nn.Module):
     variant: arch.Variant
     num_classes: int = 1000
     dropout_rate: float | None = None  # None: the variant's
-    drop_path_rate: float = 0.2
+    drop_path_rate: float = arch.DROP_PATH_RATE
     padding: str = 'same'
     depthwise_impl: str = 'auto'
     bn_group_size: int | None = None

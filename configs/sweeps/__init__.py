@@ -7,7 +7,7 @@ also write its list out by hand or concatenate several.
     random_search({'optim.base_learning_rate': log_uniform(1e-3, 1e-1),
                    'ema_decay': [0.99, 0.999]}, num_trials=8, seed=0)
 
-Configs import ml_collections and the stdlib only, so this module uses ``random`` and
+Configs import ml_collections and ``efficientnet.arch`` only, so this module uses ``random`` and
 ``itertools``.
 """
 
