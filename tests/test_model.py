@@ -168,3 +168,20 @@ def test_api_and_bad_input():
         model.init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)))
     with pytest.raises(ValueError, match='3 colour channels'):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+
+
+def test_scaling_overrides_build_the_scaled_member():
+    """create_model's width/depth/resolution overrides: B0 scaled by B4's coefficients is B4
+    (19,341,616 trainable parameters in the paper's table), under its own name."""
+    model = efficientnet.create_model('b0', width=1.4, depth=1.8, resolution=380)
+    assert model.variant.name == 'efficientnet-b0-w1.4-d1.8'
+    assert model.variant.resolution == 380
+    assert model.variant.crop_fraction == pytest.approx(380 / 412)
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 380, 380, 3))))
+    assert sum(x.size for x in jax.tree.leaves(v['params'])) == 19_341_616
+    same = efficientnet.create_model('b0', resolution=256)
+    assert same.variant.name == 'efficientnet-b0' and same.variant.width == 1.0
+    with pytest.raises(ValueError, match='width must be a positive number'):
+        efficientnet.create_model('b0', width=0)
+    with pytest.raises(ValueError, match='resolution must be a positive int'):
+        efficientnet.create_model('b0', resolution=22.5)
