@@ -1,4 +1,4 @@
-"""The full config schema, with the official ImageNet recipe (RECIPE 4) as defaults.
+"""The full config schema, with the official ImageNet recipe (docs/reference.md §4) as defaults.
 
 Fields hold what a person chooses; derived values (learning rate, steps per epoch, warmup and
 total steps) are resolved in training/config_resolve.py, so command-line overrides such as

@@ -21,7 +21,7 @@ DEPTHWISE_IMPLS = ('auto', 'xla', 'unrolled', 'cpu_kernel')
 
 
 def conv_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
-    """Normal(0, sqrt(2 / fan_out)), untruncated, fan_out = kh * kw * out (RECIPE 3).
+    """Normal(0, sqrt(2 / fan_out)), untruncated, fan_out = kh * kw * out (docs/reference.md §3).
 
     For a depthwise kernel (kh, kw, 1, C) each group has one output channel, so fan_out = kh * kw;
     ``depthwise_kernel_init`` handles that case.
@@ -36,7 +36,7 @@ def depthwise_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.f
 
 
 def dense_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
-    """Uniform(+-1 / sqrt(num_classes)) as the official head (RECIPE 3)."""
+    """Uniform(+-1 / sqrt(num_classes)) as the official head (docs/reference.md §3)."""
     bound = 1.0 / np.sqrt(shape[1])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -309,7 +309,7 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (RECIPE 3).
+    """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (docs/reference.md §3).
 
     Statistics are reduced in float32. With ``group_size`` set, the batch is split into
     consecutive groups of that many examples and each group is normalised by its own
