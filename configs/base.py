@@ -100,8 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ml_collections.FieldReference(None, field_type=str)
     config.prefetch_batches = 2
     # JAX's persistent compilation cache: a rerun or resume of the same configuration loads
-    # its compiled programs instead of compiling them again (about 17 s of B0's 25 s to the
-    # first step on a 2-core CPU). 'auto': $JAX_COMPILATION_CACHE_DIR if set, else
+    # its compiled programs instead of compiling them again (most of the time to the first step
+    # on CPU; docs/benchmarks.md). 'auto': $JAX_COMPILATION_CACHE_DIR if set, else
     # ~/.cache/efficientnet_jax/xla; '': off; else a directory (see training/compilation.py).
     config.compilation_cache_dir = 'auto'
     config.profile = ml_collections.ConfigDict()

@@ -159,9 +159,10 @@ class Conv2D(nn.Module):
 
 def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """'auto' picks XLA's grouped convolution on GPU and TPU. On CPU, where XLA runs it (and
-    its gradient) about 10x slower, it picks the C++ kernels of ``efficientnet.cpu_kernels``
-    for float32 when they build here, else the unrolled shift-and-multiply form. An explicit
-    'cpu_kernel' on another backend or dtype, or without a compiler, falls back the same way."""
+    its gradient) far slower (docs/benchmarks.md), it picks the C++ kernels of
+    ``efficientnet.cpu_kernels`` for float32 when they build here, else the unrolled
+    shift-and-multiply form. An explicit 'cpu_kernel' on another backend or dtype, or without a
+    compiler, falls back the same way."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
     on_cpu = jax.default_backend() == 'cpu'
@@ -277,7 +278,8 @@ class DepthwiseConv2D(nn.Module):
 def _batch_norm_train(xf: Array, scale: Array, bias: Array, epsilon: float):
     """Normalises (groups, group_size, ..., C) by each group's statistics; returns the output and
     the (biased) group means and variances. Its hand-written backward pass is two reductions and
-    one elementwise pass: XLA's CPU backend runs the autodiff version about 6x slower."""
+    one elementwise pass: XLA's CPU backend runs the autodiff version much slower
+    (docs/benchmarks.md)."""
     return _batch_norm_train_fwd(xf, scale, bias, epsilon)[0]
 
 
