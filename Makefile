@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m efficientnet.cpu_kernels || echo 'warning: CPU kernels not built; the unrolled XLA form will be used'
 	touch $(STAMP)
 
-# tcmalloc makes CPU training steps ~35% faster (training/allocator.py); optional, from Debian.
+# tcmalloc makes CPU training steps faster (training/allocator.py, docs/benchmarks.md); optional.
 tcmalloc:
 	@$(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') is None)" || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q libtcmalloc-minimal4 || { apt-get update -q && apt-get install -y -q libtcmalloc-minimal4; }; \

@@ -1,4 +1,4 @@
-"""The full config schema, with the official ImageNet recipe (RECIPE 4) as defaults.
+"""The full config schema, with the official ImageNet recipe (docs/reference.md §4) as defaults.
 
 Fields hold what a person chooses; derived values (learning rate, steps per epoch, warmup and
 total steps) are resolved in training/config_resolve.py, so command-line overrides such as
@@ -104,8 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ml_collections.FieldReference(None, field_type=str)
     config.prefetch_batches = 2
     # JAX's persistent compilation cache: a rerun or resume of the same configuration loads
-    # its compiled programs instead of compiling them again (about 17 s of B0's 25 s to the
-    # first step on a 2-core CPU). 'auto': $JAX_COMPILATION_CACHE_DIR if set, else
+    # its compiled programs instead of compiling them again (most of the time to the first step
+    # on CPU; docs/benchmarks.md). 'auto': $JAX_COMPILATION_CACHE_DIR if set, else
     # ~/.cache/efficientnet_jax/xla; '': off; else a directory (see training/compilation.py).
     config.compilation_cache_dir = 'auto'
     config.profile = ml_collections.ConfigDict()

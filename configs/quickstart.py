@@ -25,8 +25,8 @@ def get_config():
     config.data.eval_split = 'test'
     config.data.num_classes = 10
     # 32 px (1x1 after the last stride). 48 px was tried for the 92% goal: 91.1% after 10 epochs
-    # (train top-1 93%, so it starts to overfit) at ~1.9x the step time; 36 and 40 px cost
-    # 1.6-1.7x. 32 px keeps the run short.
+    # (train top-1 93%, so it starts to overfit) but with a much longer step, like 36 and 40 px
+    # (docs/benchmarks.md). 32 px keeps the run short.
     config.data.resolution = 32
     config.data.random_crop = False
     # Evaluate on the whole image, as training sees it (the ImageNet default S / (S + 32) would
@@ -37,8 +37,8 @@ def get_config():
     config.data.shuffle_buffer = 60000
     config.data.cache = True
     config.batch_size = 128
-    # 15 epochs: 91.2% test top-1 (EMA; 88.8% after 5 epochs, 90.7% after 10), 6 min 25 s on 2
-    # AVX-512 cores, about 14 min on 2 AVX2 cores (110 ms/step); 8 epochs gave 90.3%.
+    # 15 epochs: 91.2% test top-1 (EMA; 88.8% after 5 epochs, 90.7% after 10; run times in
+    # docs/benchmarks.md); 8 epochs gave 90.3%.
     config.num_epochs = 15.0
     config.optim.base_learning_rate = 0.032  # twice the ImageNet ratio: a short run
     config.optim.schedule = 'cosine'

@@ -1,7 +1,7 @@
 """EfficientNet architectures as data: the B0 stage table, the variants, and the scaling rules.
 
 Everything here is plain Python; the Flax modules only read the ``BlockSpec`` list that
-``build_blocks`` returns. Numbers follow RECIPE.md sections 1-3 (the official
+``build_blocks`` returns. Numbers follow docs/reference.md §1-3 (the official
 tensorflow/tpu builders).
 """
 
@@ -20,7 +20,7 @@ DROP_PATH_RATE = 0.2
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
-    """One row of the B0 table (RECIPE section 2)."""
+    """One row of the B0 table (docs/reference.md §2)."""
 
     repeats: int
     kernel: int
@@ -70,7 +70,7 @@ class Variant:
 
     @property
     def crop_fraction(self) -> float:
-        """Eval centre-crop fraction S / (S + 32) (RECIPE section 5)."""
+        """Eval centre-crop fraction S / (S + 32) (docs/reference.md §5)."""
         return self.resolution / (self.resolution + CROP_PADDING)
 
     @property
@@ -148,7 +148,8 @@ def get_variant(name: str) -> Variant:
 
 
 def round_filters(channels: int, width: float, divisor: int = 8) -> int:
-    """Scales a channel count by ``width`` and rounds to a multiple of ``divisor`` (RECIPE 3)."""
+    """Scales a channel count by ``width`` and rounds to a multiple of ``divisor``
+    (docs/reference.md §3)."""
     f = channels * width
     new = max(divisor, int(f + divisor / 2) // divisor * divisor)
     if new < 0.9 * f:  # never round down by more than 10%
@@ -157,7 +158,7 @@ def round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 def round_repeats(repeats: int, depth: float) -> int:
-    """Scales a stage's repeat count by ``depth``, rounding up (RECIPE 3)."""
+    """Scales a stage's repeat count by ``depth``, rounding up (docs/reference.md §3)."""
     return int(math.ceil(depth * repeats))
 
 
@@ -205,7 +206,7 @@ def build_blocks(variant: Variant, drop_path_rate: float = DROP_PATH_RATE) -> li
     """Expands the B0 stage table into the scaled list of blocks.
 
     Block i of N survives stochastic depth with probability ``1 - drop_path_rate * i / N``
-    (RECIPE 3: 0.2 in the official code).
+    (docs/reference.md §3: 0.2 in the official code).
     """
     repeats = stage_repeats(variant)
     total = sum(repeats)

@@ -1,7 +1,7 @@
 """ImageNet-1k class names, shipped with the package (``imagenet_classes.txt``).
 
 Label i is the i-th WordNet id in sorted order, which is tfds ``imagenet2012``'s label order
-(the official TFRecords counted from 1; RECIPE section 5). The file's header line says where the
+(the official TFRecords counted from 1; docs/reference.md §5). The file's header line says where the
 names come from.
 """
 

@@ -21,7 +21,7 @@ DEPTHWISE_IMPLS = ('auto', 'xla', 'unrolled', 'cpu_kernel')
 
 
 def conv_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
-    """Normal(0, sqrt(2 / fan_out)), untruncated, fan_out = kh * kw * out (RECIPE 3).
+    """Normal(0, sqrt(2 / fan_out)), untruncated, fan_out = kh * kw * out (docs/reference.md §3).
 
     For a depthwise kernel (kh, kw, 1, C) each group has one output channel, so fan_out = kh * kw;
     ``depthwise_kernel_init`` handles that case.
@@ -36,7 +36,7 @@ def depthwise_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.f
 
 
 def dense_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
-    """Uniform(+-1 / sqrt(num_classes)) as the official head (RECIPE 3)."""
+    """Uniform(+-1 / sqrt(num_classes)) as the official head (docs/reference.md §3)."""
     bound = 1.0 / np.sqrt(shape[1])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -159,9 +159,10 @@ class Conv2D(nn.Module):
 
 def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
     """'auto' picks XLA's grouped convolution on GPU and TPU. On CPU, where XLA runs it (and
-    its gradient) about 10x slower, it picks the C++ kernels of ``efficientnet.cpu_kernels``
-    for float32 when they build here, else the unrolled shift-and-multiply form. An explicit
-    'cpu_kernel' on another backend or dtype, or without a compiler, falls back the same way."""
+    its gradient) far slower (docs/benchmarks.md), it picks the C++ kernels of
+    ``efficientnet.cpu_kernels`` for float32 when they build here, else the unrolled
+    shift-and-multiply form. An explicit 'cpu_kernel' on another backend or dtype, or without a
+    compiler, falls back the same way."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
     on_cpu = jax.default_backend() == 'cpu'
@@ -277,7 +278,8 @@ class DepthwiseConv2D(nn.Module):
 def _batch_norm_train(xf: Array, scale: Array, bias: Array, epsilon: float):
     """Normalises (groups, group_size, ..., C) by each group's statistics; returns the output and
     the (biased) group means and variances. Its hand-written backward pass is two reductions and
-    one elementwise pass: XLA's CPU backend runs the autodiff version about 6x slower."""
+    one elementwise pass: XLA's CPU backend runs the autodiff version much slower
+    (docs/benchmarks.md)."""
     return _batch_norm_train_fwd(xf, scale, bias, epsilon)[0]
 
 
@@ -309,7 +311,7 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (RECIPE 3).
+    """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (docs/reference.md §3).
 
     Statistics are reduced in float32. With ``group_size`` set, the batch is split into
     consecutive groups of that many examples and each group is normalised by its own

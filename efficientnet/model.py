@@ -22,7 +22,7 @@ Array = jax.Array
 
 def drop_path(x: Array, survival: float, rng: Array) -> Array:
     """Stochastic depth: keeps each example's branch with probability ``survival`` and divides
-    the kept ones by it (per-example Bernoulli mask, RECIPE 3)."""
+    the kept ones by it (per-example Bernoulli mask, docs/reference.md §3)."""
     keep = jax.random.bernoulli(rng, survival, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / jnp.asarray(survival, x.dtype), jnp.zeros((), x.dtype))
 

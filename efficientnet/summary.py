@@ -21,7 +21,7 @@ import numpy as np
 
 from efficientnet import arch
 
-# Paper figures (RECIPE.md sections 1, 7): params (M), FLOPs (B multiply-adds), top-1 (%).
+# Paper figures (docs/reference.md §1, §7): params (M), FLOPs (B multiply-adds), top-1 (%).
 PAPER = {
     'efficientnet-b0': (5.3, 0.39, 77.1),
     'efficientnet-b1': (7.8, 0.70, 79.1),

@@ -1,4 +1,4 @@
-"""RandAugment and AutoAugment (policy v0) on uint8 images, in TensorFlow (RECIPE §6).
+"""RandAugment and AutoAugment (policy v0) on uint8 images, in TensorFlow (docs/reference.md §6).
 
 Every op maps uint8 [H, W, 3] → uint8 [H, W, 3] and runs eagerly or inside tf.data. The colour
 ops follow PIL's ImageOps/ImageEnhance definitions (the tests compare against PIL):

@@ -1,4 +1,5 @@
-"""Decoding, crops, resize and flip (RECIPE §5). Everything is uint8 in, uint8 out, in TensorFlow.
+"""Decoding, crops, resize and flip (docs/reference.md §5). Everything is uint8 in, uint8 out,
+in TensorFlow.
 
 An image arrives either as encoded bytes (JPEG, PNG, BMP, GIF) or as a uint8 [H, W, C] tensor.
 JPEG bytes are decoded only inside the crop window (`decode_and_crop_jpeg`), which is what makes

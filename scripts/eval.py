@@ -6,7 +6,7 @@ preprocessing, counting every example exactly once.
     python scripts/eval.py efficientnet-b0-355c32eb.pth --model b0 --data-dir /data/tfds
     python scripts/eval.py /ckpt/small --dataset folder --folder ~/photos --split all
 
-Preprocessing is the variant's (RECIPE section 5): centre crop S / (S + 32) of the shorter
+Preprocessing is the variant's (docs/reference.md §5): centre crop S / (S + 32) of the shorter
 side (or the workdir's crop fraction), bicubic resize (bilinear for Lite), the family's
 normalisation; ``--resolution``, ``--crop-fraction``, ``--interpolation`` and
 ``--normalization`` override it. Batches come from ``input_pipeline.create_eval_iterator``,

@@ -5,7 +5,7 @@ import os
 # Eight host devices so mesh and sharding code runs on CPU; must precede the jax import.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('KERAS_BACKEND', 'tensorflow')  # Keras oracles build 5-10x faster on TF
+os.environ.setdefault('KERAS_BACKEND', 'tensorflow')  # Keras oracles build faster on TF
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 import efficientnet
 from efficientnet import arch
 
-# RECIPE.md section 1: (stem, stage out-channels, head, repeats, blocks, params).
-RECIPE_TABLE = {
+# docs/reference.md §1: (stem, stage out-channels, head, repeats, blocks, params).
+REFERENCE_TABLE = {
     'b0': (32, (16, 24, 40, 80, 112, 192, 320), 1280, (1, 2, 2, 3, 3, 4, 1), 16, 5_288_548),
     'b1': (32, (16, 24, 40, 80, 112, 192, 320), 1280, (2, 3, 3, 4, 4, 5, 2), 23, 7_794_184),
     'b2': (32, (16, 24, 48, 88, 120, 208, 352), 1408, (2, 3, 3, 4, 4, 5, 2), 23, 9_109_994),
@@ -24,7 +24,7 @@ RECIPE_TABLE = {
     'l2': (136, (72, 104, 176, 344, 480, 824, 1376), 5504, (6, 11, 11, 16, 16, 22, 6), 88,
            480.3e6),
 }
-RECIPE_SCALING = {  # (width, depth, resolution, dropout)
+REFERENCE_SCALING = {  # (width, depth, resolution, dropout)
     'b0': (1.0, 1.0, 224, 0.2), 'b1': (1.0, 1.1, 240, 0.2), 'b2': (1.1, 1.2, 260, 0.3),
     'b3': (1.2, 1.4, 300, 0.3), 'b4': (1.4, 1.8, 380, 0.4), 'b5': (1.6, 2.2, 456, 0.4),
     'b6': (1.8, 2.6, 528, 0.5), 'b7': (2.0, 3.1, 600, 0.5), 'b8': (2.2, 3.6, 672, 0.5),
@@ -38,11 +38,11 @@ def param_count(model, res=32):
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
 
 
-@pytest.mark.parametrize('name', list(RECIPE_TABLE))
+@pytest.mark.parametrize('name', list(REFERENCE_TABLE))
 def test_architecture_table(name):
-    stem, outs, head, repeats, blocks, params = RECIPE_TABLE[name]
+    stem, outs, head, repeats, blocks, params = REFERENCE_TABLE[name]
     v = arch.get_variant(name)
-    assert (v.width, v.depth, v.resolution, v.dropout) == RECIPE_SCALING[name]
+    assert (v.width, v.depth, v.resolution, v.dropout) == REFERENCE_SCALING[name]
     assert arch.stem_channels(v) == stem
     assert arch.head_channels(v) == head
     assert tuple(arch.stage_repeats(v)) == repeats
@@ -53,7 +53,7 @@ def test_architecture_table(name):
     if isinstance(params, int):
         assert got == params  # exact, B0-B7
     else:
-        assert abs(got - params) / params < 0.001  # RECIPE gives B8 and L2 to 0.1M
+        assert abs(got - params) / params < 0.001  # docs/reference.md §1 gives B8 and L2 to 0.1M
 
 
 def test_b0_block_table_and_se_channels():
@@ -61,7 +61,7 @@ def test_b0_block_table_and_se_channels():
     stage_first = {}
     for b in specs:
         stage_first.setdefault(b.stage, b)
-    # RECIPE section 2: kernel, stride, expand, in, out of each stage's first block.
+    # docs/reference.md §2: kernel, stride, expand, in, out of each stage's first block.
     table = [(3, 1, 1, 32, 16), (3, 2, 6, 16, 24), (5, 2, 6, 24, 40), (3, 2, 6, 40, 80),
              (5, 1, 6, 80, 112), (5, 2, 6, 112, 192), (3, 1, 6, 192, 320)]
     for s, row in enumerate(table):
@@ -96,7 +96,7 @@ def test_lite_variants():
         reps = arch.stage_repeats(v)
         assert reps[0] == 1 and reps[-1] == 1  # first and last stages unscaled
         assert all(b.se_channels == 0 for b in arch.build_blocks(v))
-        if params_m:  # RECIPE: lite0 4.7M, lite4 13.0M
+        if params_m:  # docs/reference.md §1: lite0 4.7M, lite4 13.0M
             assert round(param_count(efficientnet.create_model(f'lite{i}')) / 1e6, 1) == round(
                 params_m, 1)
     assert efficientnet.model_info('lite0')['mean'] == (127.0,) * 3

@@ -46,7 +46,7 @@ XLA = ['--depthwise-impl', 'xla']
 
 def oracle_image(path: str, size: int = SIZE) -> np.ndarray:
     """Centre square of side int(S / (S + 32) * min(h, w)) at ((h - side + 1) // 2, ...),
-    bicubic resize to S without antialiasing, rounded to uint8 (RECIPE section 5). JPEGs are
+    bicubic resize to S without antialiasing, rounded to uint8 (docs/reference.md §5). JPEGs are
     decoded inside the window (TF's decode_and_crop_jpeg, as the official code does), others
     with PIL."""
     with open(path, 'rb') as f:

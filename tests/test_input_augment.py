@@ -1,4 +1,5 @@
-"""RandAugment/AutoAugment ops against PIL (ImageOps, ImageEnhance) and against RECIPE §6.
+"""RandAugment/AutoAugment ops against PIL (ImageOps, ImageEnhance) and against
+docs/reference.md §6.
 
 Tolerances: Invert, Posterize, Solarize, Equalize and AutoContrast build the same integer
 lookup tables as PIL and must match exactly. The enhancements (Color, Contrast, Brightness,
@@ -96,7 +97,8 @@ def test_solarize_add_definition(images):
 
 
 def nearest_transform_reference(image, inverse):
-    """Output (x, y) ← input round(inverse(x, y)), fill 128 outside: the RECIPE's geometric op."""
+    """Output (x, y) ← input round(inverse(x, y)), fill 128 outside: the geometric op of
+    docs/reference.md §6."""
     h, w = image.shape[:2]
     out = np.full_like(image, 128)
     for y in range(h):
@@ -151,7 +153,7 @@ def test_cutout_definition(images):
 
 
 def test_magnitudes_follow_recipe():
-    """RECIPE §6 at M = 9 and unclipped at M = 17 and 28."""
+    """docs/reference.md §6 at M = 9 and unclipped at M = 17 and 28."""
     for m in (9, 17, 28):
         f = m / 10
 

@@ -1,4 +1,5 @@
-"""Crops, decoding and resize (RECIPE §5), checked against the formula and TensorFlow's own ops."""
+"""Crops, decoding and resize (docs/reference.md §5), checked against the formula and
+TensorFlow's own ops."""
 
 import numpy as np
 import pytest

@@ -94,7 +94,7 @@ def test_weight_decay_covers_everything_but_batchnorm():
     n_cov = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(v['params']),
                                                       jax.tree.leaves(mask)) if m)
     n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v['params']))
-    assert n_all == 5_288_548  # RECIPE 1
+    assert n_all == 5_288_548  # docs/reference.md §1
     n_stats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v['batch_stats']))
     assert n_all - n_cov == n_stats  # (scale, bias) pairs mirror the (mean, var) pairs
     # The penalty is tf.nn.l2_loss summed: sum(w^2) / 2.

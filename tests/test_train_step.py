@@ -158,7 +158,7 @@ def test_data_states_are_removed_with_their_checkpoints(eight_device_run, tmp_pa
 
 
 def test_cpu_init_compiler_options_are_applied_and_keep_values_bit_identical(monkeypatch):
-    """compilation.CPU_INIT_COMPILER_OPTIONS (LLVM level 1: the initialisation compiles ~40%
+    """compilation.CPU_INIT_COMPILER_OPTIONS (LLVM level 1: the initialisation compiles
     faster) gives an initial state bit-identical to XLA's default level. Level 0 changes the
     values, which shows the options reach the compiler (and why level 0 is not used)."""
     config = _config()

@@ -189,7 +189,7 @@ def test_command_line(b0, tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     tensors = sum(not k.endswith('num_batches_tracked') for k in b0.state_dict())
     assert f'converted {tensors} tensors' in result.stdout
-    assert '5,288,548 parameters' in result.stdout  # RECIPE section 1
+    assert '5,288,548 parameters' in result.stdout  # docs/reference.md §1
     name, variables = load_variables(output)
     assert name == 'efficientnet-b0'
     images = random_images(64, seed=24)

@@ -1,10 +1,10 @@
-"""Runs the command under tcmalloc when it is installed: CPU training steps are ~35% faster.
+"""Runs the command under tcmalloc when it is installed: CPU training steps are faster.
 
 XLA:CPU allocates each step's temporaries (about 1 GB for B0 at batch 16) afresh. glibc's
 malloc serves every block over 32 MB with a new ``mmap``, so each step page-faults and zeroes
-all of that memory again; tcmalloc keeps it. Measured with ``scripts/benchmark_train.py`` on
-the 2-core development machine (B0, 224, batch 16, float32): 0.98 s -> 0.63 s per step.
-PyTorch gains from it too, so the benchmark gives both frameworks the same allocator.
+all of that memory again; tcmalloc keeps it (``scripts/benchmark_train.py`` measures the gain;
+figures in docs/benchmarks.md). PyTorch gains from it too, so the benchmark gives both
+frameworks the same allocator.
 
 ``use_tcmalloc()`` is called first thing by ``train.py`` and the benchmark scripts, before
 anything heavy is imported: if ``libtcmalloc_minimal.so.4`` (Debian/Ubuntu package

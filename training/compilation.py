@@ -1,18 +1,19 @@
 """Compilation settings that cut the time to the first step.
 
-Two levers, both measured on B0 at 224, batch 16, float32, on the 2-core CPU this project is
-developed on (``scripts/benchmark_train.py`` reports the time to the first step cold and warm):
+Two levers (``scripts/benchmark_train.py`` reports the time to the first step cold and warm;
+the measured figures, dated, are in docs/benchmarks.md):
 
-* **The persistent compilation cache.** XLA:CPU spends about 12 s compiling the state
-  initialisation (one threefry hash per parameter tensor) and 11-13 s compiling the train step;
-  a second run of the same configuration (a resume after preemption, a rerun, a sweep over
-  values that do not change shapes) loads both from disk in about 1 s each.
-* **LLVM optimisation level 1 for the state initialisation on CPU.** The program runs once, in
-  milliseconds; at ``xla_backend_optimization_level=1`` it compiles in about 7 s instead of
-  12 s and gives bit-identical values (``tests/test_train_step.py`` checks this). Level 0 would
-  compile faster still but changes the initial values (up to 1.2% relative). The train step
-  keeps XLA's default level: level 1 compiles it about 2 s faster at the same speed, but its
-  results differ from the default level's in the last bits. GPU and TPU keep XLA's defaults.
+* **The persistent compilation cache.** On CPU most of the time to the first step goes into
+  compiling the state initialisation (one threefry hash per parameter tensor) and the train
+  step; a second run of the same configuration (a resume after preemption, a rerun, a sweep
+  over values that do not change shapes) loads both from disk in a fraction of that time.
+* **LLVM optimisation level 1 for the state initialisation on CPU.** The program runs once, so
+  its own speed hardly matters; at ``xla_backend_optimization_level=1`` it compiles markedly
+  faster and gives bit-identical values (``tests/test_train_step.py`` checks this). Level 0
+  would compile faster still but changes the initial values (up to 1.2% relative). The train
+  step keeps XLA's default level: level 1 compiles it a little faster at the same speed, but
+  its results differ from the default level's in the last bits. GPU and TPU keep XLA's
+  defaults.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights and BatchNorm statistics (RECIPE 4)."""
+"""Exponential moving average of the weights and BatchNorm statistics (docs/reference.md §4)."""
 
 from __future__ import annotations
 

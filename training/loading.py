@@ -10,8 +10,8 @@
 A ``LoadedModel`` carries what evaluation needs besides the weights: the resolution, the eval
 crop fraction, the interpolation and the input normalisation the weights were trained with.
 For a workdir these come from its ``config.json``; for published weights from the variant
-(RECIPE section 5: ImageNet mean/std and bicubic for B0-B7, (x - 127) / 128 and bilinear for
-Lite; AdvProp checkpoints need ``normalization='advprop'``, which no file records).
+(docs/reference.md §5: ImageNet mean/std and bicubic for B0-B7, (x - 127) / 128 and bilinear
+for Lite; AdvProp checkpoints need ``normalization='advprop'``, which no file records).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 
 def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
                    ) -> jax.Array:
-    """Targets ``(1 - eps) * onehot + eps / K`` (RECIPE 4); soft targets (MixUp, [B, K] float)
-    are smoothed the same way. Integer labels [B] are one-hot encoded."""
+    """Targets ``(1 - eps) * onehot + eps / K`` (docs/reference.md §4); soft targets (MixUp,
+    [B, K] float) are smoothed the same way. Integer labels [B] are one-hot encoded."""
     if jnp.issubdtype(labels.dtype, jnp.integer):
         targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     else:

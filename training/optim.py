@@ -1,5 +1,6 @@
-"""The official optimizer (RECIPE 4): TF1 RMSProp, warmup + staircase (or cosine) schedule,
-L2 weight decay in the loss (BatchNorm excluded) or decoupled, clipping, accumulation."""
+"""The official optimizer (docs/reference.md §4): TF1 RMSProp, warmup + staircase (or cosine)
+schedule, L2 weight decay in the loss (BatchNorm excluded) or decoupled, clipping,
+accumulation."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def abstract_variables(model: nn.Module, image_size: int) -> Any:
 def abstract_state_from_variables(variables: Any, tx: optax.GradientTransformation
                                   ) -> TrainState:
     """Shapes and dtypes of the state, from ``abstract_variables`` without tracing the model
-    again (tracing B0's initialisation costs about 0.5 s on the 2-core CPU)."""
+    again (the tracing shows in the time to the first step; docs/benchmarks.md)."""
     return jax.eval_shape(lambda v: state_from_variables(v, tx), variables)
 
 
