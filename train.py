@@ -277,10 +277,9 @@ def main(argv: list[str]) -> None:
                                    process_id=FLAGS.process_id)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
         jax.distributed.initialize()  # TPU pod: everything comes from the environment
-    if FLAGS.config.data.name != 'fake':
-        import tensorflow as tf  # the pipeline must not take GPU/TPU memory
-        tf.config.set_visible_devices([], 'GPU')
-        tf.config.set_visible_devices([], 'TPU')
+    import tensorflow as tf  # the input pipeline must not take GPU/TPU memory
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     compilation.enable_persistent_cache(FLAGS.config.compilation_cache_dir)

@@ -1,7 +1,8 @@
 """Input pipeline: tf.data + tfds → host-local numpy batches (see docs/interfaces.md).
 
-Never imports jax or the model. Importing this package has no side effects; TensorFlow is kept
-off the GPUs when a pipeline is built.
+The front door for every source (tfds, image folder, Fashion-MNIST, fake): `dataset_info`,
+`create_train_iterator`, `create_eval_iterator`. Never imports jax or the model. Importing
+this package has no side effects; TensorFlow is kept off the GPUs when a pipeline is built.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from input_pipeline import sources
-from input_pipeline.pipeline import TrainIterator, build_eval_dataset, build_train_dataset
+from input_pipeline.pipeline import TrainIterator, TrainOrder, build_eval_dataset
+from input_pipeline.sources.base import cfg_get
 
 __all__ = [
     'TrainIterator',
-    'build_eval_dataset',
-    'build_train_dataset',
     'create_eval_iterator',
     'create_train_iterator',
     'dataset_info',
@@ -35,14 +35,8 @@ def create_train_iterator(
 
     'label' is int32 [B], or float32 [B, num_classes] mixed targets when MixUp/CutMix is on.
     """
-    return TrainIterator(
-        data_config,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        start_step=start_step,
-    )
+    order = TrainOrder(global_batch_size, seed, process_index, process_count)
+    return TrainIterator(data_config, order, start_step)
 
 
 def create_eval_iterator(
@@ -65,9 +59,9 @@ def create_eval_iterator(
 def dataset_info(data_config: Any) -> dict:
     """{'num_classes', 'num_train', 'num_eval'} of the configured dataset and splits."""
     source = sources.get_source(data_config)
-    num_classes = source.num_classes or sources.cfg_get(data_config, 'num_classes', 1000)
+    num_classes = source.num_classes or cfg_get(data_config, 'num_classes', 1000)
     return {
         'num_classes': int(num_classes),
-        'num_train': source.num_examples(sources.cfg_get(data_config, 'train_split', 'train')),
-        'num_eval': source.num_examples(sources.cfg_get(data_config, 'eval_split', 'validation')),
+        'num_train': source.num_examples(cfg_get(data_config, 'train_split', 'train')),
+        'num_eval': source.num_examples(cfg_get(data_config, 'eval_split', 'validation')),
     }

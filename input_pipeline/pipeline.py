@@ -1,21 +1,28 @@
 """The tf.data graphs for training and evaluation, and the resumable train iterator.
 
-Training order is a pure function of (seed, process, step):
-  records of this process's shard
-  → epoch e: shuffle(min(shuffle_buffer, n), seed = hash(seed, process, e))  [cheap records]
-  → concatenated epochs, enumerated: example position t in this process's stream
-  → skip(start_step · local_batch)                                          [resume: no decode]
-  → parallel map: load, crop, resize, flip, RandAugment/AutoAugment; seeds = (seed, process, t)
+Training order is a pure function of (seed, stream, step). A stream is the records one process
+walks: for indexed sources (fake, folder, Fashion-MNIST: records are ids, paths or small arrays)
+every process walks the whole split, one stream shared by all, and keeps its rows of each global
+batch, so the batches do not depend on the process count; for tfds sources each process walks
+its own shard of the files (stream = process index).
+  records of the stream
+  → epoch e: shuffle(min(shuffle_buffer, n), seed = hash(seed, stream, e))  [cheap records]
+  → concatenated epochs, enumerated: example position t in the stream
+  → skip(start_step · examples per step in the stream)                      [resume: no decode]
+  → shared stream: keep t if (t // local_batch) mod process_count = process index
+  → parallel map: load, crop, resize, flip, RandAugment/AutoAugment; seeds = (seed, stream, t)
   → batch(local_batch) → MixUp/CutMix with seeds (seed, process, step) → prefetch.
 Every random draw is stateless and keyed by a position, never by how far an iterator ran, so a
 pipeline rebuilt at step k yields exactly batches k, k+1, ... of an uninterrupted one. The
 resume state is therefore a few integers; restoring re-reads (but does not decode) the records
 consumed in the current epoch. For datasets no larger than `shuffle_buffer` (and for every
-indexed source sized under it) the epoch shuffle is a full permutation.
+indexed source sized under it) the epoch shuffle is a full permutation. MixUp/CutMix mixes
+within a process's batch, so it alone depends on the process count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import augment, mixup, preprocessing, sources
-from input_pipeline.sources import cfg_get
+from input_pipeline.sources.base import cfg_get, shard_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,16 @@ def _options() -> tf.data.Options:
     options.experimental_optimization.map_parallelization = True
     options.threading.max_intra_op_parallelism = 1
     return options
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOrder:
+    """What the train batches depend on besides the data config and the step."""
+
+    global_batch_size: int
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -79,20 +96,18 @@ def _augment_fn(config):
     raise ValueError(f"augment must be 'none', 'randaugment' or 'autoaugment', got {name!r}")
 
 
-def build_train_dataset(
-    config: Any,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    start_step: int = 0,
-) -> tf.data.Dataset:
+def build_train_dataset(config: Any, order: TrainOrder, start_step: int = 0) -> tf.data.Dataset:
     """Infinite dataset of this process's batches from `start_step` on (see module docstring)."""
     hide_accelerators_from_tensorflow()
-    local_batch = _local_batch(global_batch_size, process_count)
+    seed, process_index = order.seed, order.process_index
+    local_batch = _local_batch(order.global_batch_size, order.process_count)
     source = sources.get_source(config)
-    shard = source.shard(cfg_get(config, 'train_split', 'train'), process_index, process_count)
+    split = cfg_get(config, 'train_split', 'train')
+    if source.global_order:  # one stream, walked by every process
+        shard, stream, processes_in_stream = source.shard(split, 0, 1), 0, order.process_count
+    else:
+        shard = source.shard(split, process_index, order.process_count)
+        stream, processes_in_stream = process_index, 1
     if shard.num_examples == 0:
         raise ValueError(f'{source.name}: process {process_index} has no training examples')
     resolution = int(cfg_get(config, 'resolution', 224))
@@ -116,9 +131,9 @@ def build_train_dataset(
 
     n = shard.num_examples
     buffer = max(1, min(int(cfg_get(config, 'shuffle_buffer', 16384)), n))
-    first_example = start_step * local_batch
+    first_example = start_step * local_batch * processes_in_stream
     first_epoch, skip = divmod(first_example, n)
-    epoch_key = _mixed_seed(seed, process_index, _EPOCH_SALT)[0]
+    epoch_key = _mixed_seed(seed, stream, _EPOCH_SALT)[0]
 
     def epoch(e):
         epoch_seed = tf.random.stateless_uniform(
@@ -128,8 +143,12 @@ def build_train_dataset(
 
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     ds = ds.enumerate(start=first_epoch * n).skip(skip)
+    if processes_in_stream > 1:  # this process's rows of each global batch
+        ds = ds.filter(
+            lambda position, record: position // local_batch % processes_in_stream == process_index
+        )
 
-    example_key = _mixed_seed(seed, process_index, _EXAMPLE_SALT)[0]
+    example_key = _mixed_seed(seed, stream, _EXAMPLE_SALT)[0]
 
     def process(position, record):
         example = load(record)
@@ -164,7 +183,7 @@ def build_train_dataset(
 
 def eval_batches_per_process(num_examples: int, local_batch: int, process_count: int) -> int:
     """Batches every process yields: enough for the largest shard."""
-    largest = sources.shard_bounds(num_examples, 0, process_count)
+    largest = shard_bounds(num_examples, 0, process_count)
     return math.ceil((largest[1] - largest[0]) / local_batch)
 
 
@@ -223,28 +242,14 @@ def _config_items(config: Any) -> Any:
 class TrainIterator(Iterator[dict]):
     """Infinite iterator of numpy train batches with `get_state`/`set_state` (a JSON blob)."""
 
-    def __init__(
-        self,
-        config: Any,
-        *,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        start_step: int = 0,
-    ):
+    def __init__(self, config: Any, order: TrainOrder, start_step: int = 0):
         self._config = config
-        self._kwargs = dict(
-            global_batch_size=global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-        )
+        self._order = order
         self._start(start_step)
 
     def _start(self, step: int) -> None:
         self._step = int(step)
-        ds = build_train_dataset(self._config, start_step=self._step, **self._kwargs)
+        ds = build_train_dataset(self._config, self._order, self._step)
         self._iterator = ds.as_numpy_iterator()
 
     @property
@@ -259,7 +264,7 @@ class TrainIterator(Iterator[dict]):
 
     def get_state(self) -> bytes:
         """The position as bytes: format version, step, and the arguments the order depends on."""
-        state = {'version': STATE_VERSION, 'step': self._step, **self._kwargs}
+        state = {'version': STATE_VERSION, 'step': self._step, **dataclasses.asdict(self._order)}
         state['dataset'] = cfg_get(self._config, 'name', 'imagenet2012')
         return json.dumps(state, sort_keys=True).encode()
 
@@ -268,7 +273,7 @@ class TrainIterator(Iterator[dict]):
         saved = json.loads(bytes(state).decode())
         if saved.get('version') != STATE_VERSION:
             raise ValueError(f'unknown input pipeline state version {saved.get("version")}')
-        for key, value in self._kwargs.items():
+        for key, value in dataclasses.asdict(self._order).items():
             if saved.get(key) != value:
                 raise ValueError(f'input state has {key}={saved.get(key)}, this run {value}')
         self._start(saved['step'])

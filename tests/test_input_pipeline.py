@@ -1,5 +1,6 @@
 """The tf.data pipeline on tfds's real imagenet2012 builder (prepared offline from a generated
-manual dir): shapes, labels, exact eval, process sharding, determinism and resume."""
+manual dir): shapes, labels, exact eval, process sharding, determinism and resume; and on the
+fake source: one global order whatever the process count, exact eval masks."""
 
 import json
 
@@ -173,6 +174,44 @@ def test_fake_source_pipeline_and_cache():
     for _ in range(2):  # cached eval dataset, iterated twice
         batches = list(input_pipeline.create_eval_iterator(config, global_batch_size=4))
         assert sum(int(x['mask'].sum()) for x in batches) == 9
+
+
+def test_fake_batches_do_not_depend_on_the_process_count():
+    """The fake source walks one global order on every process, each keeping its rows, so 2
+    processes' local batches side by side are 1 process's."""
+    config = fx.data_config(
+        name='fake', resolution=RES, num_classes=10, fake_num_train=10, fake_num_eval=3,
+        augment='randaugment',
+    )  # fmt: skip
+    one = take(input_pipeline.create_train_iterator(config, global_batch_size=4, seed=2), 6)
+    for start in (0, 3):  # 3: resumed in the second epoch of 10 examples
+        two = [
+            take(
+                input_pipeline.create_train_iterator(
+                    config, global_batch_size=4, seed=2, process_index=p, process_count=2,
+                    start_step=start,
+                ),
+                6 - start,
+            )
+            for p in range(2)
+        ]  # fmt: skip
+        joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*two)]
+        assert_same_batches(joined, one[start:])
+
+
+@pytest.mark.parametrize('num_eval,processes', [(37, 1), (37, 2), (16, 1), (1, 2)])
+def test_fake_eval_masks_sum_to_split_size(num_eval, processes):
+    config = fx.data_config(name='fake', resolution=RES, num_classes=10, fake_num_eval=num_eval)
+    total = 0
+    for p in range(processes):
+        batches = list(
+            input_pipeline.create_eval_iterator(
+                config, global_batch_size=16, process_index=p, process_count=processes
+            )
+        )
+        assert all(b['image'].shape[0] == 16 // processes for b in batches)
+        total += sum(int(b['mask'].sum()) for b in batches)
+    assert total == num_eval
 
 
 def test_eval_batch_count_helper():

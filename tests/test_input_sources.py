@@ -12,15 +12,16 @@ from PIL import Image
 
 import input_pipeline
 from input_pipeline import sources
+from input_pipeline.sources import base, fake, fashion_mnist, folder, tfds_source
 from tests import input_fixtures as fx
 
-FASHION_DIR = sources.DEBIAN_FASHION_MNIST_DIR
+FASHION_DIR = fashion_mnist.DEBIAN_FASHION_MNIST_DIR
 
 
 def test_shard_bounds_are_disjoint_and_cover():
     for n in (0, 1, 7, 50000):
         for p_count in (1, 2, 3, 8):
-            bounds = [sources.shard_bounds(n, p, p_count) for p in range(p_count)]
+            bounds = [base.shard_bounds(n, p, p_count) for p in range(p_count)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [hi - lo for lo, hi in bounds]
@@ -30,7 +31,7 @@ def test_shard_bounds_are_disjoint_and_cover():
 def test_imagenet2012_builder_prepared_offline():
     data_dir, manual_dir, expected = fx.prepared_imagenet()
     source = sources.get_source(fx.data_config(data_dir=data_dir))
-    assert isinstance(source, sources.TfdsSource) and source.num_classes == 1000
+    assert isinstance(source, tfds_source.TfdsSource) and source.num_classes == 1000
     assert source.num_examples('train') == 12 and source.num_examples('validation') == 7
     labels = sorted(int(r['label']) for r in source.shard('train', 0, 1).records)
     assert labels == sorted(v for k, v in expected.items() if k < 100)
@@ -48,7 +49,7 @@ def test_imagenet2012_missing_says_how_to_prepare(tmp_path):
 def test_fashion_mnist_missing_offline_fails_fast_and_says_how_to_prepare(tmp_path, monkeypatch):
     # An unresolvable host (.invalid never resolves, RFC 2606) stands for a machine without
     # internet: tfds itself would retry for minutes before its ConnectionError.
-    monkeypatch.setattr(sources, 'FASHION_MNIST_HOST', 'fashion-mnist.invalid')
+    monkeypatch.setattr(tfds_source, 'FASHION_MNIST_HOST', 'fashion-mnist.invalid')
     config = fx.data_config(name='fashion_mnist', num_classes=10, data_dir=str(tmp_path / 'tfds'),
                             fashion_mnist_dir=str(tmp_path / 'none'))
     started = time.monotonic()
@@ -126,7 +127,7 @@ def test_image_folder_with_bad_and_odd_files(tmp_path, caplog):
     config = fx.data_config(name='folder', folder=str(root), resolution=16, holdout_fraction=0.0,
                             eval_split='all', num_classes=2)  # fmt: skip
     caplog.set_level(logging.WARNING)
-    sources._scan_folder.cache_clear()
+    folder._scan_folder.cache_clear()
     info = input_pipeline.dataset_info(config)
     assert info['num_train'] == 4 + 4 and info['num_eval'] == 8
     warning = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
@@ -139,7 +140,8 @@ def test_image_folder_with_bad_and_odd_files(tmp_path, caplog):
         assert next(it)['image'].shape == (4, 16, 16, 3)
 
 
-def test_fake_source_is_deterministic_and_sized():
+def test_fake_source_is_deterministic_sized_and_learnable():
+    """Example i is a function of i alone: its class's colour plus noise of at most 40."""
     source = sources.get_source(
         fx.data_config(name='fake', fake_num_train=10, fake_num_eval=3, num_classes=5,
                        resolution=8)
@@ -154,6 +156,17 @@ def test_fake_source_is_deterministic_and_sized():
         np.testing.assert_array_equal(a['image'], b['image'])
         assert 0 <= int(a['label']) < 5
     assert len({bytes(x['image'].numpy()) for x in first}) == 5
+    whole = source.shard('train', 0, 1)
+    examples = [whole.load(r) for r in whole.records]
+    np.testing.assert_array_equal(examples[5]['image'], first[0]['image'])  # index 5 either way
+    colours = fake.class_colours(5)
+    for x in examples:
+        offset = x['image'].numpy().astype(np.int32) - colours[int(x['label'])]
+        assert np.abs(offset).max() <= fake.NOISE and offset.std() > 10
+    assert len({int(x['label']) for x in examples}) >= 3
+    held_out = source.shard('validation', 0, 1)
+    validation = [held_out.load(r)['image'].numpy() for r in held_out.records]
+    assert not any(np.array_equal(v, x['image']) for v in validation for x in examples)
 
 
 def test_split_slicing_on_indexed_sources():

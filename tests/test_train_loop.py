@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from tests.test_eval_predict import assert_eval_agrees_with_training_log
 from training import allocator, checkpoint
 from training.config_resolve import ConfigError, resolve
 
@@ -84,6 +85,13 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert resolved['derived']['total_steps'] == 8
     assert resolved['derived']['learning_rate'] == pytest.approx(0.016 * 16 / 256)
     assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+
+
+def test_eval_script_on_the_smoke_workdir_reports_the_runs_final_eval(uninterrupted, tmp_path):
+    """scripts/eval.py reads the fake data from the same source as train.py: on the final
+    checkpoint it reports the run's own final eval (EMA and raw top-1, top-5, loss)."""
+    workdir, p = uninterrupted
+    assert_eval_agrees_with_training_log(workdir, 8, p.stderr, tmp_path, batch_size=8)
 
 
 def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import input_pipeline
 from configs import smoke
-from training import checkpoint, compilation, fake_data, sharding
+from training import checkpoint, compilation, sharding
 from training import run as run_lib
 from training.train_step import make_eval_step
 
@@ -33,8 +34,8 @@ def _build(config, mesh, fsdp_min_size=None):
 
 
 def _batch(config, step=0):
-    it = fake_data.FakeTrainIterator(config.data, global_batch_size=config.batch_size, seed=0,
-                                     start_step=step)
+    it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
+                                              seed=0, start_step=step)
     return next(it)
 
 
@@ -91,32 +92,19 @@ def test_loss_stays_float32_under_bfloat16():
     assert logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('num_eval,processes', [(37, 1), (37, 2), (16, 1), (1, 2)])
-def test_fake_eval_masks_sum_to_split_size(num_eval, processes):
-    config = _config()
-    config.data.fake_num_eval = num_eval
-    total = 0
-    for p in range(processes):
-        batches = list(fake_data.create_eval_iterator(
-            config.data, global_batch_size=16, process_index=p, process_count=processes))
-        assert all(b['image'].shape[0] == 16 // processes for b in batches)
-        total += sum(int(b['mask'].sum()) for b in batches)
-    assert total == num_eval
-
-
 def test_eval_counts_every_example_once_on_eight_devices(eight_device_run):
     r = eight_device_run
     config = r['config']
     config.data.fake_num_eval = 37  # 3 batches of 16, the last one 5 real + 11 padding
     eval_step = make_eval_step(r['model'], mesh=r['mesh'], state_shardings=r['shardings'])
     outs = [eval_step(r['state'], sharding.global_batch(b, r['mesh']))
-            for b in fake_data.create_eval_iterator(config.data, global_batch_size=16)]
+            for b in input_pipeline.create_eval_iterator(config.data, global_batch_size=16)]
     raw = {k: sum(int(o['raw'][k]) for o in outs) for k in ('count', 'top1', 'top5')}
     assert raw['count'] == 37
     assert int(sum(int(o['ema']['count']) for o in outs)) == 37
     # The same sums from unpadded, unsharded logits.
     imgs, labels = [], []
-    for b in fake_data.create_eval_iterator(config.data, global_batch_size=16):
+    for b in input_pipeline.create_eval_iterator(config.data, global_batch_size=16):
         imgs.append(b['image'][b['mask']])
         labels.append(b['label'][b['mask']])
     x = (np.concatenate(imgs).astype(np.float32) - np.array([123.675, 116.28, 103.53])) / \

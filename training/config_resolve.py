@@ -58,9 +58,6 @@ class RunPlan:
 
 
 def _load_dataset_info(data_config: Any) -> dict[str, int]:
-    if data_config.name == 'fake':
-        from training import fake_data
-        return fake_data.dataset_info(data_config)
     try:
         import input_pipeline  # lazy: pulls in TensorFlow
     except ImportError as e:

@@ -1,6 +1,6 @@
-"""The bridge from host-local numpy batches to global device arrays: source selection
-(fake data or input_pipeline) and a small device prefetcher that keeps the iterator state
-needed by checkpoints."""
+"""The bridge from the input pipeline's host-local numpy batches to global device arrays: the
+pipeline's iterators for this process, and a small device prefetcher that keeps the iterator
+state needed by checkpoints."""
 
 from __future__ import annotations
 
@@ -11,29 +11,22 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+import input_pipeline
 from training import sharding
 
 
-def data_module(data_config: Any) -> Any:
-    """``training.fake_data`` for ``name='fake'``, else the real ``input_pipeline`` (imported
-    lazily: it brings in TensorFlow)."""
-    if data_config.name == 'fake':
-        from training import fake_data
-        return fake_data
-    import input_pipeline
-    return input_pipeline
-
-
 def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                          start_step: int = 0) -> Any:
-    return data_module(data_config).create_train_iterator(
+                          start_step: int = 0) -> input_pipeline.TrainIterator:
+    """This process's train batches (``input_pipeline.create_train_iterator``)."""
+    return input_pipeline.create_train_iterator(
         data_config, global_batch_size=global_batch_size, seed=seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
         start_step=start_step)
 
 
 def create_eval_iterator(data_config: Any, *, global_batch_size: int) -> Iterator[dict]:
-    return data_module(data_config).create_eval_iterator(
+    """This process's part of one exact pass over the eval split."""
+    return input_pipeline.create_eval_iterator(
         data_config, global_batch_size=global_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count())
 
