@@ -20,19 +20,17 @@ import tensorflow as tf
 from PIL import Image
 
 import efficientnet
-from efficientnet import arch, normalization
+from efficientnet import normalization
 from efficientnet.classes import imagenet_class_names, imagenet_wnids
 from efficientnet.weights import save_variables
 from scripts import eval as eval_script
 from scripts import predict as predict_script
 from tests import input_fixtures as fx
-from tests.test_loading import (
+from tests.inference_fixtures import (
     WORKDIR_CLASS_NAMES,
-    WORKDIR_TEST_FILES,
-    _workdir_paths,
     random_variables,
-    start_training,
     trained_workdir,
+    training_log,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +67,8 @@ def oracle_apply(name: str, variables: dict, images: np.ndarray) -> np.ndarray:
         else 0
     )
     model = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl='xla')
-    x = (images.astype(np.float32) - np.float32(normalization.IMAGENET_MEAN)) / np.float32(normalization.IMAGENET_STD)
+    mean, std = np.float32(normalization.IMAGENET_MEAN), np.float32(normalization.IMAGENET_STD)
+    x = (images.astype(np.float32) - mean) / std
     return np.asarray(jax.jit(model.apply)(variables, x), np.float64)
 
 
@@ -107,17 +106,6 @@ def tiny10(labelled_folder, tmp_path_factory):
     path = str(tmp_path_factory.mktemp('weights') / 'tiny10.msgpack')
     save_variables(path, variables, TINY)
     return path, variables
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _training_in_background(request):
-    """The workdir tests come last in this file; when any is selected, the run they need
-    trains in the background meanwhile (or already has, in another test file)."""
-    if any(
-        'workdir' in item.name and item.path.name in WORKDIR_TEST_FILES
-        for item in request.session.items
-    ):
-        start_training()
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -343,7 +331,7 @@ def test_eval_of_a_workdir_step_agrees_with_the_training_run(tmp_path):
     """train.py evaluated the final step with its own jitted eval step; the script, given that
     step's directory, must report the same for the EMA and the raw weights."""
     workdir, _ = trained_workdir()
-    with open(os.path.join(_workdir_paths()[0], 'train.log')) as f:
+    with open(training_log()) as f:
         line = [ln for ln in f if '[2] eval/count=' in ln][-1]
     logged = dict(kv.split('=') for kv in line.split('[2] ', 1)[1].strip().split(', '))
     for name, flags in (('ema', []), ('raw', ['--no-ema'])):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from training import allocator, checkpoint
+from efficientnet.weights import train_state
+from training import allocator
 from training.config_resolve import ConfigError, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def _final_line(stdout):
 
 
 def _load(workdir, step):
-    return checkpoint.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+    return train_state.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
 @pytest.fixture(scope='module')
