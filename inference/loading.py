@@ -115,23 +115,13 @@ def load_model(
         )
     if model is not None:
         arch.get_variant(model)  # a clear error for an unknown name, before any reading
-    loaders = {
-        'workdir': _load_workdir,
-        'msgpack': _load_msgpack,
-        'keras': _load_published,
-        'torch': _load_published,
-        'tf': _load_published,
-    }
     what = f'{fmt} weights {source}' + (f' as {model}' if model else '')
     try:
-        loaded = loaders[fmt](
-            source,
-            fmt=fmt,
-            model=model,
-            use_ema=use_ema,
-            num_classes=num_classes,
-            depthwise_impl=depthwise_impl,
-        )
+        if fmt == 'workdir':
+            loaded = _load_workdir(source, model, use_ema, num_classes, depthwise_impl)
+        else:
+            name, variables, classes = _read_weights(source, fmt, model, use_ema, num_classes)
+            loaded = _published(name, variables, classes, depthwise_impl, source, fmt)
     except FileNotFoundError:
         raise
     except ValueError as e:
@@ -152,14 +142,9 @@ def load_model(
 
 
 def _load_workdir(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
+    source: str, model: str | None, use_ema: bool, num_classes: int | None, depthwise_impl: str
 ) -> LoadedModel:
+    """A train.py workdir or step directory, with the eval facts its config.json records."""
     import ml_collections
 
     from training import config_resolve
@@ -209,48 +194,34 @@ def _load_workdir(
         or d.get('normalization') or module.variant.normalization,
         interpolation=d.get('interpolation', 'bicubic'),
         source=source,
-        format=fmt,
+        format='workdir',
         data_config=d.to_dict(),
         step=int(os.path.basename(step_dir)),
     )
 
 
-def _load_msgpack(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
-) -> LoadedModel:
-    from efficientnet import weights
-    from efficientnet.weights import core
-
-    stored, variables = weights.load_variables(source)
-    stored = arch.get_variant(stored).name
-    if model is not None and arch.get_variant(model).name != stored:
-        raise ValueError(
-            f'model={model!r} but the file holds {stored} weights; leave model out or name {stored}'
-        )
-    classes = core.classifier_classes(variables)
-    if num_classes is not None and num_classes != classes:
-        raise ValueError(f"num_classes={num_classes} but the file's classifier has {classes}")
-    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-    return _published(stored, variables, classes, depthwise_impl, source, fmt)
-
-
-def _load_published(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
-) -> LoadedModel:
+def _read_weights(
+    source: str, fmt: str, model: str | None, use_ema: bool, num_classes: int | None
+) -> tuple[str, dict, int]:
+    """(variant name, variables, classifier classes) of a msgpack file or published weights;
+    ``efficientnet.weights`` reads each format and counts its classifier's classes."""
     from efficientnet import weights
 
+    if fmt == 'msgpack':
+        from efficientnet.weights import core
+
+        stored, variables = weights.load_variables(source)
+        stored = arch.get_variant(stored).name
+        if model is not None and arch.get_variant(model).name != stored:
+            raise ValueError(
+                f'model={model!r} but the file holds {stored} weights; leave model out or name '
+                f'{stored}'
+            )
+        classes = core.classifier_classes(variables)
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"num_classes={num_classes} but the file's classifier has {classes}")
+        batch_stats = variables.get('batch_stats', {})
+        return stored, {'params': variables['params'], 'batch_stats': batch_stats}, classes
     name = arch.get_variant(model).name
     if fmt == 'torch':
         from efficientnet.weights import pytorch
@@ -277,7 +248,7 @@ def _load_published(
         variables = weights.from_tf_checkpoint(
             source, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
         )
-    return _published(name, variables, classes, depthwise_impl, source, fmt)
+    return name, variables, classes
 
 
 def _published(
@@ -294,7 +265,7 @@ def _published(
         num_classes=num_classes,
         resolution=variant.resolution,
         crop_fraction=None,
-        normalization='lite' if variant.is_lite else 'imagenet',
+        normalization=variant.normalization,
         interpolation='bilinear' if variant.is_lite else 'bicubic',
         source=source,
         format=fmt,
