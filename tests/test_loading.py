@@ -277,13 +277,16 @@ def test_workdir_takes_the_best_ema_checkpoint():
     assert detect_format(workdir) == 'workdir'
     loaded = load_model(workdir, depthwise_impl='xla')
     with open(os.path.join(workdir, 'config.json')) as f:
-        config = json.load(f)['config']
+        saved = json.load(f)
+    config = saved['config']
     assert loaded.format == 'workdir'
     assert loaded.name == 'efficientnet-b0-w0.25-d0.25'  # smoke.py's width/depth overrides
     assert loaded.num_classes == WORKDIR_CLASSES
     assert loaded.resolution == config['data']['resolution'] == 32
     assert loaded.crop_fraction == config['data']['crop_fraction']
-    assert loaded.normalization == config['data']['normalization']
+    # config.data.normalization None means the variant's, which the run resolved and recorded.
+    assert config['data']['normalization'] is None
+    assert loaded.normalization == saved['derived']['normalization'] == 'imagenet'
     assert loaded.interpolation == config['data']['interpolation']
     best = os.listdir(os.path.join(workdir, 'best'))
     assert len(best) == 1 and loaded.step == int(best[0])
