@@ -26,6 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inference.cli import SOURCE_HELP, add_weights_arguments  # noqa: E402
+
 DATASET_HELP = (
     "tfds name (default: imagenet2012, or the workdir's dataset), folder, fashion_mnist, fake"
 )
@@ -44,13 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         'source',
         metavar='SOURCE',
-        help='training workdir, .msgpack, Keras .h5, PyTorch .pth or TF checkpoint',
+        help=SOURCE_HELP,
     )
-    p.add_argument('--model', help='variant (b0 ... b7, lite0 ...); required for keras/torch/tf')
-    p.add_argument(
-        '--format', default='auto', choices=('auto', 'workdir', 'msgpack', 'keras', 'torch', 'tf')
-    )
-    p.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
+    add_weights_arguments(p)
     p.add_argument('--dataset', help=DATASET_HELP)
     p.add_argument(
         '--split',
@@ -66,13 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--resolution', type=int, help='override the image side')
     p.add_argument('--crop-fraction', type=float, help='override the centre-crop fraction')
     p.add_argument('--interpolation', choices=('bicubic', 'bilinear'), help='override the resize')
-    p.add_argument(
-        '--normalization',
-        choices=('imagenet', 'advprop', 'lite'),
-        help="override the input normalisation ('advprop' for AdvProp weights)",
-    )
-    p.add_argument('--depthwise-impl', default='auto',
-                   choices=('auto', 'xla', 'unrolled', 'cpu_kernel'))
     p.add_argument('--output', help='write the results here as JSON')
     return p.parse_args(argv)
 
@@ -205,17 +196,10 @@ def run(args: argparse.Namespace) -> int:
     if args.crop_fraction is not None and not 0.0 < args.crop_fraction <= 1.0:
         raise UsageError(f'--crop-fraction must be in (0, 1], got {args.crop_fraction}')
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from training.loading import load_model_for_tool
+    from inference.cli import load_model_for_tool
 
     try:
-        loaded = load_model_for_tool(
-            args.source,
-            model=args.model,
-            fmt=args.format,
-            use_ema=not args.no_ema,
-            depthwise_impl=args.depthwise_impl,
-            normalization=args.normalization,
-        )
+        loaded = load_model_for_tool(args.source, args)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
     if loaded.num_classes == 0:

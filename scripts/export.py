@@ -6,7 +6,7 @@
         --representative-folder ~/calib_images --check
     python scripts/export.py effnet.pth --model b0 --format onnx --output b0.onnx --check
 
-SOURCE is anything ``training.loading.load_model`` reads (a training workdir, a .msgpack from
+SOURCE is anything ``inference.loading.load_model`` reads (a training workdir, a .msgpack from
 ``python -m efficientnet.weights``, Keras .h5, PyTorch .pth, an official TF checkpoint with
 ``--model``). Every export takes uint8 RGB images [N, S, S, 3] (resizing and cropping are the
 caller's job) and returns 'logits' and 'probabilities'; see docs/export.md.
@@ -133,7 +133,7 @@ def folder_images(folder: str, resolution: int, crop_fraction: float | None, int
 
 
 def export(args: argparse.Namespace, loaded, resolution: int, calibration) -> None:
-    from training import export as ex
+    from inference import export as ex
 
     common = dict(resolution=resolution, normalization=loaded.normalization)
     if args.fmt == 'savedmodel':
@@ -156,7 +156,7 @@ def check(args: argparse.Namespace, loaded, images) -> bool:
     """Runs the exported file and the JAX model on ``images``; prints and returns the verdict."""
     import numpy as np
 
-    from training import export as ex
+    from inference import export as ex
 
     runners = {
         'savedmodel': ex.run_savedmodel,
@@ -192,7 +192,7 @@ def check(args: argparse.Namespace, loaded, images) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from training.loading import load_model
+    from inference.loading import load_model
 
     start = time.time()
     try:

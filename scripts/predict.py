@@ -25,6 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inference.cli import SOURCE_HELP, add_weights_arguments  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -36,21 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--weights',
         required=True,
         metavar='SOURCE',
-        help='training workdir, .msgpack, Keras .h5, PyTorch .pth or TF checkpoint',
+        help=SOURCE_HELP,
     )
-    p.add_argument('--model', help='variant (b0 ... b7, lite0 ...); required for keras/torch/tf')
-    p.add_argument(
-        '--format', default='auto', choices=('auto', 'workdir', 'msgpack', 'keras', 'torch', 'tf')
-    )
-    p.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
+    add_weights_arguments(p)
     p.add_argument('--top', type=int, default=5, help='classes shown per image (default 5)')
-    p.add_argument(
-        '--normalization',
-        choices=('imagenet', 'advprop', 'lite'),
-        help="override the input normalisation ('advprop' for AdvProp weights)",
-    )
-    p.add_argument('--depthwise-impl', default='auto',
-                   choices=('auto', 'xla', 'unrolled', 'cpu_kernel'))
     p.add_argument('--json', action='store_true', help='print one JSON object per image')
     return p.parse_args(argv)
 
@@ -84,7 +75,7 @@ def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[
     """(predictions in input order, [(path, error message)] for images that failed)."""
     import numpy as np
 
-    from training.class_names import class_names
+    from inference.class_names import class_names
 
     names = class_names(loaded)
     images, ok, failed = [], [], []
@@ -123,17 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
         return 1
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from training.loading import load_model_for_tool
+    from inference.cli import load_model_for_tool
 
     try:
-        loaded = load_model_for_tool(
-            args.weights,
-            model=args.model,
-            fmt=args.format,
-            use_ema=not args.no_ema,
-            depthwise_impl=args.depthwise_impl,
-            normalization=args.normalization,
-        )
+        loaded = load_model_for_tool(args.weights, args)
     except (FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1

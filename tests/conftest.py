@@ -33,3 +33,14 @@ def tools_env(tmp_path_factory) -> dict:
         'TF_CPP_MIN_LOG_LEVEL': '2',
     })
     return env
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _training_in_background(request):
+    """When any test that loads a real train.py workdir is selected (those named '*workdir*' in
+    the inference test files; they come last there), the run they share trains in the
+    background from the start of the session."""
+    from tests import inference_fixtures
+
+    if inference_fixtures.workdir_tests_selected(request.session.items):
+        inference_fixtures.start_training()

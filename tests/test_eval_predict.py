@@ -26,13 +26,11 @@ from efficientnet.weights import save_variables
 from scripts import eval as eval_script
 from scripts import predict as predict_script
 from tests import input_fixtures as fx
-from tests.test_loading import (
+from tests.inference_fixtures import (
     WORKDIR_CLASS_NAMES,
-    WORKDIR_TEST_FILES,
-    _workdir_paths,
     random_variables,
-    start_training,
     trained_workdir,
+    training_log,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,17 +106,6 @@ def tiny10(labelled_folder, tmp_path_factory):
     path = str(tmp_path_factory.mktemp('weights') / 'tiny10.msgpack')
     save_variables(path, variables, TINY)
     return path, variables
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _training_in_background(request):
-    """The workdir tests come last in this file; when any is selected, the run they need
-    trains in the background meanwhile (or already has, in another test file)."""
-    if any(
-        'workdir' in item.name and item.path.name in WORKDIR_TEST_FILES
-        for item in request.session.items
-    ):
-        start_training()
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -361,7 +348,7 @@ def test_eval_of_a_workdir_step_agrees_with_the_training_run(tmp_path):
     step's directory, must report the same for the EMA and the raw weights. (The smoke run on
     fake data gets the same check in test_train_loop.py.)"""
     workdir, _ = trained_workdir()
-    with open(os.path.join(_workdir_paths()[0], 'train.log')) as f:
+    with open(training_log()) as f:
         log = f.read()
     assert '[2] eval/count=3,' in log
     assert_eval_agrees_with_training_log(workdir, 2, log, tmp_path, batch_size=2)

@@ -24,7 +24,7 @@ import pytest
 
 import efficientnet
 from efficientnet.normalization import normalize_images
-from training import export as ex
+from inference import export as ex
 
 FLOAT_TOLERANCE = 1e-4  # max |diff| / max |logit|; measured 2.5e-7 .. 1.2e-6 (docs/export.md)
 INT8_MIN_AGREEMENT = 0.95

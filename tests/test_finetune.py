@@ -24,7 +24,8 @@ from input_fixtures import write_image_folder
 
 from configs import finetune, smoke
 from efficientnet import weights
-from training import checkpoint, config_resolve
+from efficientnet.weights import train_state
+from training import config_resolve
 from training.config_resolve import ConfigError, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def test_head_reinitialised_body_loaded(finetuned):
     assert line and line.group(1) == pretrained_path
     assert line.group(2) == """["['classifier']['bias']", "['classifier']['kernel']"]"""
     step = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
-    state = checkpoint.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+    state = train_state.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
     assert state['params']['classifier']['kernel'].shape == (320, NUM_CLASSES)
     # Fine-tuning moves the body a little: its kernels stay correlated with the ones it started
     # from (train.py's own initialisation would be uncorrelated with these numpy draws).

@@ -1,4 +1,4 @@
-"""training.loading.load_model: every weights format round-trips, with the eval facts that go
+"""inference.loading.load_model: every weights format round-trips, with the eval facts that go
 with it, and bad sources fail with clear messages.
 
 Oracles: efficientnet_pytorch and keras.applications networks (their own forward passes), the
@@ -7,15 +7,8 @@ arrays a real train.py run saved (read with orbax directly), and numpy normalisa
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 
 import jax
 import numpy as np
@@ -25,92 +18,20 @@ import pytest
 import efficientnet
 from efficientnet import arch, normalization
 from efficientnet.weights import WeightsMismatchError, save_variables
-from tests import input_fixtures as fx
-from training import loading
-from training.class_names import class_names
-from training.loading import detect_format, load_model
+from inference.class_names import class_names
+from inference.loading import detect_format, load_model
+from tests.inference_fixtures import (
+    WORKDIR_CLASS_NAMES,
+    WORKDIR_CLASSES,
+    random_variables,
+    trained_workdir,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 'efficientnet-tiny'
-WORKDIR_CLASSES = 3
-WORKDIR_CLASS_NAMES = ('apple', 'banana', 'cherry')
-WORKDIR_TEST_FILES = ('test_loading.py', 'test_eval_predict.py')  # tests that use the run
-
-
-def _workdir_paths() -> tuple[str, str, str]:
-    # This module is imported under two names (by pytest, and by test_eval_predict.py), so the
-    # shared state is a directory named by the process id, not a module global.
-    root = os.path.join(tempfile.gettempdir(), f'test_loading_workdir_{os.getpid()}')
-    return root, os.path.join(root, 'workdir'), os.path.join(root, 'images')
-
-
-def start_training() -> None:
-    """Starts (once per test process) a real two-step train.py run of the smoke config on a
-    generated JPEG folder of 3 classes, in the background; ``trained_workdir`` waits for it."""
-    root, workdir, folder = _workdir_paths()
-    if os.path.exists(os.path.join(root, 'started')):
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    fx.write_image_folder(folder, num_classes=WORKDIR_CLASSES, per_class=6, size=(40, 56))
-    for c, name in enumerate(WORKDIR_CLASS_NAMES):  # names a fallback could not produce
-        os.rename(os.path.join(folder, f'class_{c}'), os.path.join(folder, name))
-    # One device compiles faster than the eight conftest.py gives this process.
-    env = dict(
-        os.environ,
-        XLA_FLAGS='--xla_force_host_platform_device_count=1',
-        TF_CPP_MIN_LOG_LEVEL='2',
-        JAX_PLATFORMS='cpu',
-    )
-    train = [
-        sys.executable, os.path.join(ROOT, 'train.py'),
-        f'--config={os.path.join(ROOT, "configs", "smoke.py")}', f'--workdir={workdir}',
-        '--config.data.name=folder', f'--config.data.folder={folder}',
-        f'--config.data.num_classes={WORKDIR_CLASSES}', '--config.batch_size=8',
-        '--config.total_steps=2', '--config.checkpoint.every_steps=1',
-    ]  # fmt: skip
-    log = os.path.join(root, 'train.log')
-    # The shell leaves a marker either way, so any importer of this module can wait on it.
-    script = (
-        f'{shlex.join(train)} > {shlex.quote(log)} 2>&1 && touch {root}/done || touch {root}/failed'
-    )
-    proc = subprocess.Popen(['sh', '-c', script], cwd=ROOT, env=env)
-    open(os.path.join(root, 'started'), 'w').close()
-
-    def cleanup():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
-
-    atexit.register(cleanup)
-
-
-def trained_workdir(timeout: float = 600.0) -> tuple[str, str]:
-    """(workdir, image folder) of the run ``start_training`` began, once it has finished."""
-    start_training()
-    root, workdir, folder = _workdir_paths()
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(os.path.join(root, 'done')):
-        if os.path.exists(os.path.join(root, 'failed')) or time.monotonic() > deadline:
-            with open(os.path.join(root, 'train.log')) as f:
-                pytest.fail('the train.py run for the workdir tests failed:\n' + f.read()[-3000:])
-        time.sleep(0.5)
-    return workdir, folder
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _training_in_background(request):
-    """The workdir tests come last in this file; when any is selected, the run they need
-    trains in the background meanwhile (or already has, in another test file)."""
-    if any(
-        'workdir' in item.name and item.path.name in WORKDIR_TEST_FILES
-        for item in request.session.items
-    ):
-        start_training()
 
 
 def read_arrays(state_dir: str) -> dict:
-    """The saved TrainState, read with orbax directly (not through training.checkpoint)."""
+    """The saved TrainState, read with orbax directly (not through efficientnet.weights)."""
     with ocp.PyTreeCheckpointer() as ckptr:
         return ckptr.restore(state_dir)
 
@@ -125,27 +46,6 @@ def assert_trees_equal(a, b) -> None:
     assert ta == tb
     for x, y in zip(fa, fb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def random_variables(name: str, num_classes: int, seed: int) -> dict:
-    """Random float32 variables of the right tree, scaled so that activations neither vanish
-    nor saturate (numpy draws: jitting the real initialisers costs more compile time than
-    these tests need). BatchNorm statistics are non-trivial, so a dropped collection shows."""
-    model = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl='xla')
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        leaf = path[-1].key
-        if leaf == 'kernel':  # He fan-in scaling; a depthwise kernel (k, k, 1, C) has fan-in k*k
-            return rng.normal(0.0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
-        if leaf in ('scale', 'var'):
-            return rng.uniform(0.8, 1.2, s.shape)
-        return rng.normal(0.0, 0.05, s.shape)  # biases and means
-
-    return jax.tree_util.tree_map_with_path(
-        lambda p, s: draw(p, s).astype(np.float32), dict(shapes)
-    )
 
 
 # ----------------------------------------------------------------------------------- msgpack
@@ -368,28 +268,6 @@ def test_msgpack_name_must_agree(tmp_path):
         load_model(str(path), num_classes=10)
 
 
-def test_class_names_for_datasets():
-    base = dict(
-        name='',
-        model=None,
-        variables={},
-        resolution=32,
-        crop_fraction=None,
-        normalization='imagenet',
-        interpolation='bicubic',
-    )
-    imagenet = class_names(loading.LoadedModel(num_classes=1000, **base))
-    assert imagenet[0] == 'tench' and len(imagenet) == 1000
-    fmnist = loading.LoadedModel(num_classes=10, data_config={'name': 'fashion_mnist'}, **base)
-    assert class_names(fmnist)[9] == 'Ankle boot'
-    fake = loading.LoadedModel(num_classes=4, data_config={'name': 'fake'}, **base)
-    assert class_names(fake) == ['class_0', 'class_1', 'class_2', 'class_3']
-    gone = loading.LoadedModel(
-        num_classes=2, data_config={'name': 'folder', 'folder': '/none'}, **base
-    )
-    assert class_names(gone) == ['class_0', 'class_1']
-
-
 # ----------------------------------------------------------------------------------- workdir
 
 
@@ -399,13 +277,16 @@ def test_workdir_takes_the_best_ema_checkpoint():
     assert detect_format(workdir) == 'workdir'
     loaded = load_model(workdir, depthwise_impl='xla')
     with open(os.path.join(workdir, 'config.json')) as f:
-        config = json.load(f)['config']
+        saved = json.load(f)
+    config = saved['config']
     assert loaded.format == 'workdir'
     assert loaded.name == 'efficientnet-b0-w0.25-d0.25'  # smoke.py's width/depth overrides
     assert loaded.num_classes == WORKDIR_CLASSES
     assert loaded.resolution == config['data']['resolution'] == 32
     assert loaded.crop_fraction == config['data']['crop_fraction']
-    assert loaded.normalization == config['data']['normalization']
+    # config.data.normalization None means the variant's, which the run resolved and recorded.
+    assert config['data']['normalization'] is None
+    assert loaded.normalization == saved['derived']['normalization'] == 'imagenet'
     assert loaded.interpolation == config['data']['interpolation']
     best = os.listdir(os.path.join(workdir, 'best'))
     assert len(best) == 1 and loaded.step == int(best[0])

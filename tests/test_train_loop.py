@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from efficientnet.weights import train_state
 from tests.test_eval_predict import assert_eval_agrees_with_training_log
-from training import allocator, checkpoint
+from training import allocator
 from training.config_resolve import ConfigError, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,7 @@ def _final_line(stdout):
 
 
 def _load(workdir, step):
-    return checkpoint.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+    return train_state.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
 @pytest.fixture(scope='module')

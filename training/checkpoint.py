@@ -1,5 +1,6 @@
 """Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the host-local
-data-pipeline state beside each, automatic resume onto any mesh, and weight import.
+data-pipeline state beside each, automatic resume onto any mesh, and ``init_from`` weights
+(read by ``efficientnet.weights``, which knows this layout).
 
 Layout under the workdir::
 
@@ -22,6 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficientnet import weights
+from efficientnet.weights import train_state
 from training.state import TrainState
 
 
@@ -38,12 +41,12 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         opts = dict(enable_async_checkpointing=async_save, create=True)
         self.latest = ocp.CheckpointManager(
-            os.path.join(self.workdir, 'checkpoints'),
+            os.path.join(self.workdir, train_state.LATEST_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
         self.best = None
         if keep_best:
             self.best = ocp.CheckpointManager(
-                os.path.join(self.workdir, 'best'),
+                os.path.join(self.workdir, train_state.BEST_DIR),
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=1, best_fn=lambda m: m['top1'], best_mode='max',
                     keep_checkpoints_without_metrics=False, **opts))
@@ -132,38 +135,18 @@ class Checkpointer:
 
 
 def load_pretrained(path: str) -> dict[str, Any]:
-    """Variables ``{'params', 'batch_stats'}`` from one of our checkpoint directories (a step
-    directory or a workdir; EMA weights when present) or a converted-weights msgpack file."""
+    """``--config.init_from``: variables ``{'params', 'batch_stats'}`` from a converted-weights
+    msgpack file or one of our checkpoint directories (a step directory, or a workdir's latest
+    step; EMA weights)."""
     path = os.path.abspath(path)
     if os.path.isfile(path):
-        from efficientnet import weights  # converted published weights
-
         _, variables = weights.load_variables(path)
         return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-    step_dir = path
-    for sub in ('checkpoints', ''):
-        root = os.path.join(path, sub) if sub else path
-        steps = [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
-        if steps:
-            step_dir = os.path.join(root, str(max(steps)))
-            break
-    state_dir = os.path.join(step_dir, 'state')
-    if not os.path.isdir(state_dir):
+    step_dir = train_state.find_step_dir(path, (train_state.LATEST_DIR, ''))
+    if step_dir is None:
         raise FileNotFoundError(f'init_from={path!r}: neither a weights file nor a checkpoint '
-                                f'(no {state_dir})')
-    state = read_state(state_dir)
-    return {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']}
-
-
-def read_state(state_dir: str) -> dict[str, Any]:
-    """A saved TrainState as a dict of host numpy arrays, whatever mesh or process count saved
-    it (every process reads the whole arrays; meant for weights and tests, not for resuming)."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(state_dir)
-        tree = getattr(meta, 'item_metadata', meta)
-        tree = getattr(tree, 'tree', tree)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+                                f'(no {train_state.STATE_ITEM} directory under {path})')
+    return train_state.read_variables(step_dir, use_ema=True)
 
 
 def merge_pretrained(init_tree: Any, pretrained: Any) -> tuple[Any, list[str]]:

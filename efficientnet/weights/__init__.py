@@ -1,15 +1,19 @@
-"""Published EfficientNet weights into our variable tree, and our own file format for them.
+"""Every weight format into our variable tree: published weights (Keras, PyTorch, TF), our own
+msgpack files, and the checkpoints train.py writes.
 
     variables = from_keras(keras_model, 'b0')                # keras.applications
     variables = from_torch('efficientnet-b0.pth', 'b0')      # efficientnet_pytorch naming
     variables = from_tf_checkpoint('efficientnet-b0/model.ckpt', 'b0')   # tensorflow/tpu
     save_variables('b0.msgpack', variables, 'b0')
     name, variables = load_variables('b0.msgpack')
+    variables = train_state.read_variables(train_state.find_step_dir('/ckpt/b0'))  # train.py's
 
 Each returns ``{'params': ..., 'batch_stats': ...}`` (nested dicts of float32 numpy arrays)
 for ``create_model(name)``; every tensor must match both ways or a ``WeightsMismatchError``
 (a ValueError) names the offenders. TensorFlow, Keras and PyTorch are imported only inside
-the functions that read their formats. Command line: ``python -m efficientnet.weights``.
+the functions that read their formats, orbax inside ``train_state``. Each format's module
+also tells how many classes a source's classifier has (``classifier_classes``). Command line:
+``python -m efficientnet.weights``.
 """
 
 from efficientnet.weights.core import WeightsMismatchError, target_shapes

@@ -165,6 +165,13 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
+def classifier_classes(variables: Mapping[str, Any]) -> int:
+    """Class count of the classifier in our variable tree, 0 when it has none (a backbone)."""
+    params = variables.get('params', {})
+    kernel = params.get('classifier', {}).get('kernel') if isinstance(params, Mapping) else None
+    return 0 if kernel is None else int(np.shape(kernel)[-1])
+
+
 def count(variables: Mapping[str, Any]) -> tuple[int, int, int]:
     """(tensors, parameter elements, batch-stat elements) of a variables dict."""
     import jax

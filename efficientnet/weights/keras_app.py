@@ -124,6 +124,12 @@ def load_keras_file(path: str, name: str) -> Any:
     return model
 
 
+def classifier_classes(model: Any) -> int:
+    """Class count of a keras.applications model's classifier ('predictions'); 0 without top."""
+    top = any(layer.name == 'predictions' for layer in model.layers)
+    return int(model.output_shape[-1]) if top else 0
+
+
 def from_keras(model_or_file: Any, name: str, *, num_classes: int = 1000,
                skip_head: bool = False) -> dict[str, dict]:
     """Converts a keras.applications EfficientNetB0-B7 (a built model or a ``.keras`` /

@@ -57,7 +57,10 @@ def torch_plan(shapes: Mapping[str, tuple[int, ...]]) -> core.Plan:
     return plan
 
 
-def _read(state_dict_or_file: Any) -> dict[str, np.ndarray]:
+def load_state_dict(state_dict_or_file: Any) -> Mapping:
+    """The model's own state dict from a ``.pth`` file (read with ``weights_only=True``) or a
+    mapping, unwrapped from a training checkpoint's {'state_dict': ...} and from DataParallel's
+    'module.' prefixes; read a file once with it, then pass the result on."""
     if isinstance(state_dict_or_file, (str, os.PathLike)):
         path = os.fspath(state_dict_or_file)
         if not os.path.isfile(path):
@@ -80,8 +83,18 @@ def _read(state_dict_or_file: Any) -> dict[str, np.ndarray]:
     keys = [str(k) for k in state]
     if keys and all(k.startswith('module.') for k in keys):  # saved from DataParallel
         state = {k[len('module.'):]: v for k, v in state.items()}
+    return state
+
+
+def classifier_classes(state_dict_or_file: Any) -> int:
+    """Rows of the classifier ('_fc.weight') of a state dict or ``.pth`` file; 0 if it has none."""
+    weight = load_state_dict(state_dict_or_file).get('_fc.weight')
+    return 0 if weight is None else int(weight.shape[0])
+
+
+def _read(state_dict_or_file: Any) -> dict[str, np.ndarray]:
     out = {}
-    for key, value in state.items():
+    for key, value in load_state_dict(state_dict_or_file).items():
         if str(key).endswith('num_batches_tracked'):
             continue
         if hasattr(value, 'detach'):  # a torch.Tensor

@@ -61,6 +61,23 @@ def tf_plan(shapes: Mapping[str, tuple[int, ...]], blocks: list[arch.BlockSpec],
     return plan
 
 
+def checkpoint_prefix(path: str) -> str:
+    """A checkpoint prefix from what a user may pass: the prefix, its '.index' file, or a
+    directory (with a 'checkpoint' state file, or holding exactly one '.index')."""
+    if path.endswith('.index') and os.path.isfile(path):
+        return path[: -len('.index')]
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'checkpoint')):
+        indexes = sorted(n for n in os.listdir(path) if n.endswith('.index'))
+        if len(indexes) == 1:
+            return os.path.join(path, indexes[0][: -len('.index')])
+        if len(indexes) > 1:
+            raise ValueError(
+                f'{path} holds several checkpoints ({", ".join(indexes)}) and no '
+                "'checkpoint' file naming one: pass the prefix"
+            )
+    return path
+
+
 def _open(path: str) -> Any:
     import tensorflow as tf
 
@@ -68,10 +85,19 @@ def _open(path: str) -> Any:
     if not exists:
         raise FileNotFoundError(f'TensorFlow checkpoint not found: {path} '
                                 '(give the prefix, e.g. model.ckpt, or its directory)')
+    path = checkpoint_prefix(path)
     try:
         return tf.train.load_checkpoint(path)
     except (ValueError, tf.errors.OpError) as e:
         raise ValueError(f'cannot read a TensorFlow checkpoint at {path}: {e}') from e
+
+
+def classifier_classes(path: str | os.PathLike) -> int:
+    """Class count of the checkpoint's classifier ('head/dense/kernel'); 0 if it has none."""
+    for name, shape in _open(os.fspath(path)).get_variable_to_shape_map().items():
+        if name.endswith('head/dense/kernel'):
+            return int(shape[-1])
+    return 0
 
 
 def detect_scope(names: list[str]) -> str:
@@ -87,7 +113,7 @@ def detect_scope(names: list[str]) -> str:
 def from_tf_checkpoint(path: str | os.PathLike, name: str, *, use_ema: bool = True,
                        num_classes: int = 1000, skip_head: bool = False) -> dict[str, dict]:
     """Converts an official tensorflow/tpu EfficientNet checkpoint (a prefix such as
-    ``efficientnet-b0/model.ckpt`` or its directory) for model ``name``.
+    ``efficientnet-b0/model.ckpt``, its '.index' file or its directory) for model ``name``.
 
     The model scope is read from the checkpoint; a scope naming another variant is an error.
     With ``use_ema`` each variable's ``ExponentialMovingAverage`` copy is taken where present.

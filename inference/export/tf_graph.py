@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from training.export.network import Conv, FoldedNetwork, SqueezeExcite, forward
+from inference.export.network import Conv, FoldedNetwork, SqueezeExcite, forward
 
 
 def _activation(x: tf.Tensor, name: str | None) -> tf.Tensor:

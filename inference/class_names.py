@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from training.loading import LoadedModel
+from inference.loading import LoadedModel
 
 FASHION_MNIST_CLASSES = (
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',

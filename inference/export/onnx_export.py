@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from training.export.network import Conv, FoldedNetwork, SqueezeExcite, fold_network, forward
+from inference.export.network import Conv, FoldedNetwork, SqueezeExcite, fold_network, forward
 
 OPSET = 17
 

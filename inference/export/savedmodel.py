@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from training.export.network import check_exportable, resolve_normalization
+from inference.export.network import check_exportable, resolve_normalization
 
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 INFO_FILE = os.path.join('assets.extra', 'export.json')

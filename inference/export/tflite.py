@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from training.export.network import fold_network
+from inference.export.network import fold_network
 
 QUANTIZATIONS = (None, 'int8')
 
@@ -35,7 +35,7 @@ def convert_tflite(
     hundred real ones; they set every activation's int8 range)."""
     import tensorflow as tf
 
-    from training.export import tf_graph
+    from inference.export import tf_graph
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')

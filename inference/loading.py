@@ -16,10 +16,8 @@ for Lite; AdvProp checkpoints need ``normalization='advprop'``, which no file re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,6 +26,8 @@ import numpy as np
 
 import efficientnet
 from efficientnet import arch
+from efficientnet.weights import train_state
+from inference.loaded_model import LoadedModel
 
 FORMATS = ('workdir', 'msgpack', 'keras', 'torch', 'tf')
 _KERAS_SUFFIXES = ('.h5', '.keras')
@@ -35,67 +35,16 @@ _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 _MSGPACK_SUFFIXES = ('.msgpack',)
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """A model with its weights and the eval preprocessing that goes with them."""
-
-    name: str  # variant name, e.g. 'efficientnet-b0' (custom widths: '...-w0.25-d0.25')
-    model: Any  # the flax EfficientNet module (float32 compute, inference)
-    variables: dict  # {'params': ..., 'batch_stats': ...} as numpy arrays
-    num_classes: int
-    resolution: int
-    crop_fraction: float | None  # None means S / (S + 32) (the pipeline's convention)
-    normalization: str  # 'imagenet' | 'advprop' | 'lite' (efficientnet.normalization)
-    interpolation: str  # 'bicubic' | 'bilinear'
-    source: str = ''  # what was loaded, for messages
-    format: str = ''  # one of FORMATS
-    data_config: dict | None = None  # a workdir's config.data (class names, dataset), else None
-    step: int | None = None  # a workdir's checkpoint step
-
-    def __post_init__(self) -> None:
-        self._jitted: dict[str, Any] = {}
-        self._device_variables = None
-
-    def apply_fn(self) -> Any:
-        """The jitted ``f(variables, images) -> logits``: normalises [0, 255] NHWC images as the
-        weights expect, then applies the model with ``train=False``. Jit follows the arguments'
-        shardings, so a caller may pass a batch split over devices and replicated variables."""
-        if self.normalization not in self._jitted:
-            from efficientnet.normalization import normalize_images
-
-            model, normalization = self.model, self.normalization
-
-            def apply(variables, images):
-                x = normalize_images(images, normalization, jnp.float32)
-                return model.apply(variables, x, train=False)
-
-            self._jitted[normalization] = jax.jit(apply)
-        return self._jitted[self.normalization]
-
-    def logits(self, images: Any) -> np.ndarray:
-        """float32 logits [N, num_classes] (pooled features when num_classes is 0) of NHWC
-        images on [0, 255] (uint8 or float), normalised as the weights expect; jitted."""
-        if self._device_variables is None:  # moved to the device once, not on every call
-            self._device_variables = jax.device_put(self.variables)
-        return np.asarray(self.apply_fn()(self._device_variables, images))
-
-    @property
-    def effective_crop_fraction(self) -> float:
-        if self.crop_fraction is not None:
-            return float(self.crop_fraction)
-        return self.resolution / (self.resolution + arch.CROP_PADDING)
-
-
 def detect_format(source: str) -> str:
     """The format of ``source`` from its suffix and what the path holds; ValueError if none."""
     path = os.fspath(source)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, 'config.json')) or _is_step_dir(path):
+        if os.path.isfile(os.path.join(path, 'config.json')) or train_state.is_step_dir(path):
             return 'workdir'
         names = os.listdir(path)
         if 'checkpoint' in names or any(n.endswith('.index') for n in names):
             return 'tf'
-        if any(n in names for n in ('checkpoints', 'best')):
+        if any(n in names for n in (train_state.LATEST_DIR, train_state.BEST_DIR)):
             return 'workdir'
         raise ValueError(
             f'{path} is a directory but neither a training workdir (no '
@@ -166,23 +115,13 @@ def load_model(
         )
     if model is not None:
         arch.get_variant(model)  # a clear error for an unknown name, before any reading
-    loaders = {
-        'workdir': _load_workdir,
-        'msgpack': _load_msgpack,
-        'keras': _load_published,
-        'torch': _load_published,
-        'tf': _load_published,
-    }
     what = f'{fmt} weights {source}' + (f' as {model}' if model else '')
     try:
-        loaded = loaders[fmt](
-            source,
-            fmt=fmt,
-            model=model,
-            use_ema=use_ema,
-            num_classes=num_classes,
-            depthwise_impl=depthwise_impl,
-        )
+        if fmt == 'workdir':
+            loaded = _load_workdir(source, model, use_ema, num_classes, depthwise_impl)
+        else:
+            name, variables, classes = _read_weights(source, fmt, model, use_ema, num_classes)
+            loaded = _published(name, variables, classes, depthwise_impl, source, fmt)
     except FileNotFoundError:
         raise
     except ValueError as e:
@@ -203,19 +142,16 @@ def load_model(
 
 
 def _load_workdir(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
+    source: str, model: str | None, use_ema: bool, num_classes: int | None, depthwise_impl: str
 ) -> LoadedModel:
+    """A train.py workdir or step directory, with the eval facts its config.json records."""
     import ml_collections
 
-    from training import checkpoint, config_resolve
+    from training import config_resolve
 
-    workdir, step_dir = _workdir_and_step(source)
+    path = os.path.abspath(source)
+    step_dir = path if train_state.is_step_dir(path) else None
+    workdir = train_state.workdir_of(path) if step_dir else path
     config_path = os.path.join(workdir, 'config.json')
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
@@ -234,19 +170,12 @@ def _load_workdir(
     classes = int(saved.get('derived', {}).get('num_classes', config.data.num_classes))
     if num_classes is not None and num_classes != classes:
         raise ValueError(f'num_classes={num_classes} but the workdir trained {classes} classes')
-    if step_dir is None:
-        step_dir = _newest_step(os.path.join(workdir, 'best'))
-        step_dir = step_dir or _newest_step(os.path.join(workdir, 'checkpoints'))
+    step_dir = step_dir or train_state.find_step_dir(workdir)  # best, else latest
     if step_dir is None:
         raise FileNotFoundError(
             f'{workdir} holds no finished checkpoint (looked in best/ and checkpoints/)'
         )
-    state = checkpoint.read_state(os.path.join(step_dir, 'state'))
-    prefix = 'ema_' if use_ema else ''
-    variables = {
-        'params': state[prefix + 'params'],
-        'batch_stats': state.get(prefix + 'batch_stats', {}),
-    }
+    variables = train_state.read_variables(step_dir, use_ema=use_ema)
     # Inference build: float32, no BatchNorm groups (train=False uses the moving statistics).
     with config.unlocked():
         config.model.compute_dtype = 'float32'
@@ -265,54 +194,40 @@ def _load_workdir(
         or d.get('normalization') or module.variant.normalization,
         interpolation=d.get('interpolation', 'bicubic'),
         source=source,
-        format=fmt,
+        format='workdir',
         data_config=d.to_dict(),
         step=int(os.path.basename(step_dir)),
     )
 
 
-def _load_msgpack(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
-) -> LoadedModel:
+def _read_weights(
+    source: str, fmt: str, model: str | None, use_ema: bool, num_classes: int | None
+) -> tuple[str, dict, int]:
+    """(variant name, variables, classifier classes) of a msgpack file or published weights;
+    ``efficientnet.weights`` reads each format and counts its classifier's classes."""
     from efficientnet import weights
 
-    stored, variables = weights.load_variables(source)
-    stored = arch.get_variant(stored).name
-    if model is not None and arch.get_variant(model).name != stored:
-        raise ValueError(
-            f'model={model!r} but the file holds {stored} weights; leave model out or name {stored}'
-        )
-    classes = _classifier_classes(variables.get('params', {}))
-    if num_classes is not None and num_classes != classes:
-        raise ValueError(f"num_classes={num_classes} but the file's classifier has {classes}")
-    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-    return _published(stored, variables, classes, depthwise_impl, source, fmt)
+    if fmt == 'msgpack':
+        from efficientnet.weights import core
 
-
-def _load_published(
-    source: str,
-    *,
-    fmt: str,
-    model: str | None,
-    use_ema: bool,
-    num_classes: int | None,
-    depthwise_impl: str,
-) -> LoadedModel:
-    from efficientnet import weights
-
+        stored, variables = weights.load_variables(source)
+        stored = arch.get_variant(stored).name
+        if model is not None and arch.get_variant(model).name != stored:
+            raise ValueError(
+                f'model={model!r} but the file holds {stored} weights; leave model out or name '
+                f'{stored}'
+            )
+        classes = core.classifier_classes(variables)
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"num_classes={num_classes} but the file's classifier has {classes}")
+        batch_stats = variables.get('batch_stats', {})
+        return stored, {'params': variables['params'], 'batch_stats': batch_stats}, classes
     name = arch.get_variant(model).name
     if fmt == 'torch':
-        import torch
+        from efficientnet.weights import pytorch
 
-        # weights_only: tensors and plain containers only; never unpickle arbitrary objects.
-        state = torch.load(source, map_location='cpu', weights_only=True)
-        classes = _torch_classes(state) if num_classes is None else num_classes
+        state = pytorch.load_state_dict(source)  # read once: counted, then converted
+        classes = pytorch.classifier_classes(state) if num_classes is None else num_classes
         variables = weights.from_torch(
             state, name, num_classes=max(classes, 1), skip_head=classes == 0
         )
@@ -320,20 +235,20 @@ def _load_published(
         from efficientnet.weights import keras_app
 
         keras_model = keras_app.load_keras_file(source, name)
-        top = any(layer.name == 'predictions' for layer in keras_model.layers)
-        classes = int(keras_model.output_shape[-1]) if top else 0
+        classes = keras_app.classifier_classes(keras_model)
         if num_classes is not None and num_classes != classes:
             raise ValueError(f'num_classes={num_classes} but the Keras model has {classes}')
         variables = weights.from_keras(
             keras_model, name, num_classes=max(classes, 1), skip_head=classes == 0
         )
     else:
-        prefix = _tf_prefix(source)
-        classes = _tf_classes(prefix) if num_classes is None else num_classes
+        from efficientnet.weights import tf_checkpoint
+
+        classes = tf_checkpoint.classifier_classes(source) if num_classes is None else num_classes
         variables = weights.from_tf_checkpoint(
-            prefix, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
+            source, name, use_ema=use_ema, num_classes=max(classes, 1), skip_head=classes == 0
         )
-    return _published(name, variables, classes, depthwise_impl, source, fmt)
+    return name, variables, classes
 
 
 def _published(
@@ -350,7 +265,7 @@ def _published(
         num_classes=num_classes,
         resolution=variant.resolution,
         crop_fraction=None,
-        normalization='lite' if variant.is_lite else 'imagenet',
+        normalization=variant.normalization,
         interpolation='bilinear' if variant.is_lite else 'bicubic',
         source=source,
         format=fmt,
@@ -358,80 +273,6 @@ def _published(
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _is_step_dir(path: str) -> bool:
-    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
-        os.path.join(path, 'state')
-    )
-
-
-def _workdir_and_step(source: str) -> tuple[str, str | None]:
-    """A workdir, or one of its step directories (workdir/{checkpoints,best}/<step>)."""
-    path = os.path.abspath(source)
-    if _is_step_dir(path):
-        return os.path.dirname(os.path.dirname(path)), path
-    return path, None
-
-
-def _newest_step(root: str) -> str | None:
-    if not os.path.isdir(root):
-        return None
-    steps = [
-        int(n)
-        for n in os.listdir(root)
-        if n.isdigit() and os.path.isdir(os.path.join(root, n, 'state'))
-    ]
-    return os.path.join(root, str(max(steps))) if steps else None
-
-
-def _classifier_classes(params: Mapping) -> int:
-    kernel = params.get('classifier', {}).get('kernel') if isinstance(params, Mapping) else None
-    return 0 if kernel is None else int(np.shape(kernel)[-1])
-
-
-def _torch_classes(state: Any) -> int:
-    """Rows of the '_fc.weight' tensor anywhere in a (possibly wrapped) state dict; 0 if none."""
-    if isinstance(state, Mapping):
-        for key, value in state.items():
-            if str(key).endswith('_fc.weight') and hasattr(value, 'shape'):
-                return int(value.shape[0])
-        for value in state.values():
-            if isinstance(value, Mapping):
-                found = _torch_classes(value)
-                if found:
-                    return found
-    return 0
-
-
-def _tf_prefix(source: str) -> str:
-    """A checkpoint prefix from what a user may pass: the prefix, its '.index' file, or a
-    directory (with a 'checkpoint' state file, or holding exactly one '.index')."""
-    if source.endswith('.index') and os.path.isfile(source):
-        return source[: -len('.index')]
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, 'checkpoint')):
-        indexes = sorted(n for n in os.listdir(source) if n.endswith('.index'))
-        if len(indexes) == 1:
-            return os.path.join(source, indexes[0][: -len('.index')])
-        if len(indexes) > 1:
-            raise ValueError(
-                f'{source} holds several checkpoints ({", ".join(indexes)}) and no '
-                "'checkpoint' file naming one: pass the prefix"
-            )
-    return source
-
-
-def _tf_classes(path: str) -> int:
-    import tensorflow as tf
-
-    try:
-        reader = tf.train.load_checkpoint(path)
-    except (ValueError, tf.errors.OpError) as e:
-        raise ValueError(f'cannot read a TensorFlow checkpoint at {path}: {e}') from e
-    for name, shape in reader.get_variable_to_shape_map().items():
-        if name.endswith('head/dense/kernel'):
-            return int(shape[-1])
-    return 0
 
 
 def _numpy(tree: Any) -> Any:
@@ -476,14 +317,3 @@ def _prefixed(error: ValueError, prefix: str) -> ValueError:
         return type(error)(prefix + str(error))
     except TypeError:
         return ValueError(prefix + str(error))
-
-
-def load_model_for_tool(source: str, *, fmt: str = 'auto', **kwargs: Any) -> LoadedModel:
-    """``load_model`` for the command-line tools, which also decode images with TensorFlow:
-    the format is detected first (a missing path fails at once), then TensorFlow is kept off
-    the GPUs (they are JAX's) before anything starts it, then the weights load."""
-    fmt = detect_format(source) if fmt == 'auto' else fmt
-    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
-
-    hide_accelerators_from_tensorflow()
-    return load_model(source, fmt=fmt, **kwargs)

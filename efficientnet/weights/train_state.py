@@ -1,0 +1,82 @@
+"""Our own training checkpoints as weights: the orbax directories ``train.py`` writes.
+
+    <workdir>/checkpoints/<step>/state    the latest TrainState saves
+    <workdir>/best/<step>/state           the best one by eval top-1
+
+A saved TrainState holds ``params``, ``batch_stats`` and their EMA copies ``ema_params``,
+``ema_batch_stats`` (plus the optimizer state and step). These functions find a step directory
+and read its variables as host numpy arrays, whatever mesh or process count saved them. orbax
+is imported only inside the function that reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+LATEST_DIR = 'checkpoints'
+BEST_DIR = 'best'
+STATE_ITEM = 'state'
+
+
+def is_step_dir(path: str) -> bool:
+    """Whether ``path`` is one saved step: a directory named by its step holding ``state/``."""
+    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
+        os.path.join(path, STATE_ITEM)
+    )
+
+
+def newest_step_dir(root: str) -> str | None:
+    """The finished step directory with the highest step under ``root``, None if there is none."""
+    if not os.path.isdir(root):
+        return None
+    steps = [
+        int(n)
+        for n in os.listdir(root)
+        if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM))
+    ]
+    return os.path.join(root, str(max(steps))) if steps else None
+
+
+def find_step_dir(path: str, subdirs: Sequence[str] = (BEST_DIR, LATEST_DIR)) -> str | None:
+    """``path`` itself when it holds a saved state (a step directory), else the newest step of
+    the first of ``subdirs`` (relative to ``path``; '' is ``path`` itself) that holds one; None
+    if none does."""
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+        return path
+    for sub in subdirs:
+        found = newest_step_dir(os.path.join(path, sub) if sub else path)
+        if found is not None:
+            return found
+    return None
+
+
+def workdir_of(step_dir: str) -> str:
+    """The workdir a step directory (``<workdir>/{checkpoints,best}/<step>``) belongs to."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+
+
+def read_state(state_dir: str) -> dict[str, Any]:
+    """A saved TrainState as a dict of host numpy arrays, whatever mesh or process count saved
+    it (every process reads the whole arrays; meant for weights and tests, not for resuming)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = getattr(meta, 'item_metadata', meta)
+        tree = getattr(tree, 'tree', tree)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def read_variables(step_dir: str, *, use_ema: bool = True) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of one step directory: the EMA copies with ``use_ema``."""
+    state = read_state(os.path.join(step_dir, STATE_ITEM))
+    prefix = 'ema_' if use_ema else ''
+    return {
+        'params': state[prefix + 'params'],
+        'batch_stats': state.get(prefix + 'batch_stats', {}),
+    }
