@@ -15,8 +15,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import input_pipeline
 from scripts import sweep
-from training import fake_data
 from training.config_resolve import build_model, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ RANDAUGMENT_MAGNITUDE = {'b5': 17, 'b7': 28}
 
 def dataset_info(data) -> dict:
     if data.name == 'fake':
-        return fake_data.dataset_info(data)
+        return input_pipeline.dataset_info(data)
     return SIZES[data.name]
 
 
