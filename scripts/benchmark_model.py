@@ -140,16 +140,23 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (model, batch, resolution, dtype, steps, the
+    PyTorch peer, JSON output)."""
+    p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
     p.add_argument('--model', default='efficientnet-b0')
     p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--resolution', type=int, default=None, help='default: the variant\'s')
+    p.add_argument('--resolution', type=int, default=None, help="default: the variant's")
     p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-    p.add_argument('--steps', type=int, default=5, help='timed steps (median is reported)')
-    p.add_argument('--depthwise', choices=['auto', 'xla', 'unrolled', 'cpu_kernel'], default='auto')
+    p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
     p.add_argument('--torch', action='store_true', help='also time efficientnet_pytorch')
     p.add_argument('--json', action='store_true')
+    return p
+
+
+def main(argv=None) -> int:
+    p = benchmark_parser(__doc__)
+    p.add_argument('--depthwise', choices=['auto', 'xla', 'unrolled', 'cpu_kernel'], default='auto')
     args = p.parse_args(argv)
 
     import efficientnet

@@ -22,14 +22,13 @@ update of parameters and buffers; its first step includes building the network.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_model import _time, report  # noqa: E402  (timing and printing shared)
+from benchmark_model import _time, benchmark_parser, report  # noqa: E402  (timing and printing shared)
 
 from training import allocator  # noqa: E402  (light: no jax, no torch)
 
@@ -143,14 +142,7 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--model', default='efficientnet-b0')
-    p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--resolution', type=int, default=None, help="default: the variant's")
-    p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-    p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
-    p.add_argument('--torch', action='store_true', help='also time efficientnet_pytorch')
-    p.add_argument('--json', action='store_true')
+    p = benchmark_parser(__doc__)
     p.add_argument('--cache-dir', default=None,
                    help='persistent compilation cache for one JAX run in this process '
                         '(default: a cold and a warm run, each in a fresh process)')
