@@ -11,6 +11,7 @@ from __future__ import annotations
 
 if __name__ == '__main__':  # before the heavy imports: may re-execute under tcmalloc
     from training.allocator import use_tcmalloc
+
     use_tcmalloc()
 
 import logging as py_logging
@@ -63,6 +64,7 @@ class _Preemption:
         if jax.process_count() > 1:
             try:
                 from jax.experimental import multihost_utils
+
                 return multihost_utils.reached_preemption_sync_point(step)
             except Exception:  # noqa: BLE001 - no preemption service in this cluster
                 return False
@@ -107,13 +109,21 @@ def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, byt
                 f'config.init_from={config.init_from!r} does not fit config.model '
                 f'({config.model.name}, width={config.model.width}, depth={config.model.depth})'
                 f': {len(foreign)} tensors are missing or of another shape, e.g. '
-                f'{", ".join(foreign[:3])}. Only the classifier may differ.')
+                f'{", ".join(foreign[:3])}. Only the classifier may differ.'
+            )
         copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
-        state = state.replace(params=params, batch_stats=stats, ema_params=copy(params),
-                              ema_batch_stats=copy(stats), opt_state=jax.jit(
-                                  tx.init, out_shardings=shardings.opt_state)(params))
-        logging.info('initialised from %s; re-initialised: %s', config.init_from,
-                     fresh + fresh_bs or 'nothing')
+        state = state.replace(
+            params=params,
+            batch_stats=stats,
+            ema_params=copy(params),
+            ema_batch_stats=copy(stats),
+            opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+        )
+        logging.info(
+            'initialised from %s; re-initialised: %s',
+            config.init_from,
+            fresh + fresh_bs or 'nothing',
+        )
     return state, None
 
 
@@ -129,20 +139,22 @@ def evaluate(eval_step: Any, state: Any, config: Any, plan: Any, mesh: Any) -> d
             acc.add(o[name])
         r = acc.result()
         if r['count'] != plan.num_eval:
-            raise RuntimeError(f'evaluation counted {r["count"]} examples but the split has '
-                               f'{plan.num_eval}: the eval masks are wrong')
+            raise RuntimeError(
+                f'evaluation counted {r["count"]} examples but the split has '
+                f'{plan.num_eval}: the eval masks are wrong'
+            )
         result.update({f'eval/{name}_{k}': v for k, v in r.items() if k != 'count'})
     result['eval/count'] = plan.num_eval
     return result
 
 
-def train_and_evaluate(config: Any, workdir: str, started: float | None = None
-                       ) -> dict[str, float]:
+def train_and_evaluate(config: Any, workdir: str, started: float | None = None) -> dict[str, float]:
     """Runs (or resumes) training in ``workdir``; returns the final eval metrics. ``started``
     (a ``time.time()``) is where the logged time to the first step counts from; default: now."""
     started = started or time.time()
-    plan = config_resolve.resolve(config, device_count=jax.device_count(),
-                                  process_count=jax.process_count())
+    plan = config_resolve.resolve(
+        config, device_count=jax.device_count(), process_count=jax.process_count()
+    )
     for k, v in plan.to_dict().items():
         logging.info('derived %s = %s', k, v)
     if jax.process_index() == 0:
@@ -152,22 +164,28 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
     run = run_lib.create_run(config, plan)
     mesh, train_step, eval_step = run.mesh, run.train_step, run.eval_step
 
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 keep_best=config.checkpoint.keep_best,
-                                 async_save=config.checkpoint.async_save)
+    ckpt = ckpt_lib.Checkpointer(
+        workdir,
+        keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best,
+        async_save=config.checkpoint.async_save,
+    )
     state, data_state = _init_state(run, ckpt)
     step = int(jax.device_get(state.step))
 
     total = plan.total_micro_steps
     ckpt_every = plan.checkpoint_every_micro_steps
-    is_ckpt_step = lambda s: (s % ckpt_every == 0 or s == total
-                              or s % plan.eval_every_micro_steps == 0)
-    iterator = data.create_train_iterator(config.data, global_batch_size=plan.micro_batch,
-                                          seed=config.seed, start_step=step)
+    is_ckpt_step = lambda s: (
+        s % ckpt_every == 0 or s == total or s % plan.eval_every_micro_steps == 0
+    )
+    iterator = data.create_train_iterator(
+        config.data, global_batch_size=plan.micro_batch, seed=config.seed, start_step=step
+    )
     if data_state is not None:
         iterator.set_state(data_state)
-    batches = data.DevicePrefetcher(iterator, mesh, start_step=step,
-                                    depth=config.prefetch_batches, capture=is_ckpt_step)
+    batches = data.DevicePrefetcher(
+        iterator, mesh, start_step=step, depth=config.prefetch_batches, capture=is_ckpt_step
+    )
 
     pending: list[tuple[int, dict]] = []  # per-step device metrics since the last flush
     last_eval: dict[str, float] = {}
@@ -181,7 +199,8 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
             if not np.isfinite(m['total_loss']):
                 raise FloatingPointError(
                     f'non-finite loss {float(m["total_loss"])} at step {s} (1-based); the last '
-                    f'good checkpoint in {ckpt.workdir} is kept (step {ckpt.latest_step()})')
+                    f'good checkpoint in {ckpt.workdir} is kept (step {ckpt.latest_step()})'
+                )
         pending.clear()
         return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]} if fetched else {}
 
@@ -191,9 +210,14 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
 
     try:
         with _Preemption() as preemption:
-            logging.info('training from step %d to %d (%d images per step, %d devices, %d '
-                         'processes)', step, total, plan.micro_batch, plan.device_count,
-                         plan.process_count)
+            logging.info(
+                'training from step %d to %d (%d images per step, %d devices, %d processes)',
+                step,
+                total,
+                plan.micro_batch,
+                plan.device_count,
+                plan.process_count,
+            )
             while step < total:
                 if preemption.reached(step):
                     logging.warning('preemption requested: saving at step %d and exiting', step)
@@ -216,10 +240,14 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
                     jax.block_until_ready(metrics)
                     first_step_time = time.time() - started
                     cache = compilation.cache_stats()
-                    logging.info('first step done %.1fs after the start (initialisation and '
-                                 'compilation included; %d of %d programs loaded from the '
-                                 'persistent compilation cache)', first_step_time,
-                                 cache['cache_hits'], cache['compile_requests_use_cache'])
+                    logging.info(
+                        'first step done %.1fs after the start (initialisation and '
+                        'compilation included; %d of %d programs loaded from the '
+                        'persistent compilation cache)',
+                        first_step_time,
+                        cache['cache_hits'],
+                        cache['compile_requests_use_cache'],
+                    )
                     t_log, steps_at_log = time.time(), step
                 if step % config.log_every_steps == 0 or step == total:
                     scalars = flush()
@@ -227,29 +255,47 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None
                     dt = (now - t_log) / max(step - steps_at_log, 1)
                     t_log, steps_at_log = now, step
                     epoch = step / plan.grad_accum_steps / plan.steps_per_epoch
-                    scalars.update({'train/images_per_sec': plan.micro_batch / dt,
-                                    'train/step_time_ms': 1000 * dt, 'train/epoch': epoch})
+                    scalars.update(
+                        {
+                            'train/images_per_sec': plan.micro_batch / dt,
+                            'train/step_time_ms': 1000 * dt,
+                            'train/epoch': epoch,
+                        }
+                    )
                     scalars = {k if '/' in k else f'train/{k}': v for k, v in scalars.items()}
                     writer.write_scalars(step, scalars)
                     logging.info(
                         'step %d/%d (%.1f%%) epoch %.2f | loss %.4f top1 %.3f lr %.5f '
-                        'grad_norm %.3f | %.1f img/s %.0f ms/step | ETA %s', step, total,
+                        'grad_norm %.3f | %.1f img/s %.0f ms/step | ETA %s',
+                        step,
+                        total,
                         100 * step / total,
-                        scalars['train/epoch'], scalars['train/loss'], scalars['train/top1'],
-                        scalars['train/learning_rate'], scalars['train/grad_norm'],
-                        scalars['train/images_per_sec'], scalars['train/step_time_ms'],
-                        _format_eta(dt * (total - step)))
+                        scalars['train/epoch'],
+                        scalars['train/loss'],
+                        scalars['train/top1'],
+                        scalars['train/learning_rate'],
+                        scalars['train/grad_norm'],
+                        scalars['train/images_per_sec'],
+                        scalars['train/step_time_ms'],
+                        _format_eta(dt * (total - step)),
+                    )
                 if is_ckpt_step(step):
                     save(step)
                 if step % plan.eval_every_micro_steps == 0 or step == total:
                     last_eval = evaluate(eval_step, state, config, plan, mesh)
                     writer.write_scalars(step, last_eval)
-                    logging.info('eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
-                                 'loss %.4f (EMA %.4f) on %d examples', step,
-                                 last_eval['eval/raw_top1'], last_eval['eval/ema_top1'],
-                                 last_eval['eval/raw_top5'], last_eval['eval/ema_top5'],
-                                 last_eval['eval/raw_loss'], last_eval['eval/ema_loss'],
-                                 plan.num_eval)
+                    logging.info(
+                        'eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
+                        'loss %.4f (EMA %.4f) on %d examples',
+                        step,
+                        last_eval['eval/raw_top1'],
+                        last_eval['eval/ema_top1'],
+                        last_eval['eval/raw_top5'],
+                        last_eval['eval/ema_top5'],
+                        last_eval['eval/raw_loss'],
+                        last_eval['eval/ema_loss'],
+                        plan.num_eval,
+                    )
                     ckpt.save_best(step, state, last_eval['eval/ema_top1'])
     except BaseException:
         ckpt.wait()  # let in-flight saves finish; the last good checkpoint stays intact
@@ -272,28 +318,41 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError('--config and --workdir are required')
     if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
         jax.distributed.initialize()  # TPU pod: everything comes from the environment
     import tensorflow as tf  # the input pipeline must not take GPU/TPU memory
+
     tf.config.set_visible_devices([], 'GPU')
     tf.config.set_visible_devices([], 'TPU')
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     compilation.enable_persistent_cache(FLAGS.config.compilation_cache_dir)
-    logging.info('JAX %s, %d processes, %d devices (%s); memory allocator: %s', jax.__version__,
-                 jax.process_count(), jax.device_count(), jax.devices()[0].platform,
-                 allocator.describe())
+    logging.info(
+        'JAX %s, %d processes, %d devices (%s); memory allocator: %s',
+        jax.__version__,
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+        allocator.describe(),
+    )
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
     if 'preempted_at_step' in result:
-        print(f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '
-              'to resume.', flush=True)
+        print(
+            f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '
+            'to resume.',
+            flush=True,
+        )
         return
-    print(f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
-          f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step {result["step"]}',
-          flush=True)
+    print(
+        f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
+        f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step {result["step"]}',
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = 1  # devices per parameter shard; 1: replicate parameters
-    config.mesh.fsdp_min_size = 2 ** 14  # smaller arrays stay replicated
+    config.mesh.fsdp_min_size = 2**14  # smaller arrays stay replicated
 
     config.log_every_steps = 100
     config.eval_every_epochs = 5.0  # and always at the end

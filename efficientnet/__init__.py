@@ -30,13 +30,25 @@ from efficientnet.model import EfficientNet
 
 __version__ = '0.1.0'
 
-_OVERRIDES = ('dropout_rate', 'drop_path_rate', 'padding', 'depthwise_impl', 'bn_group_size',
-              'activation', 'features_only')
+_OVERRIDES = (
+    'dropout_rate',
+    'drop_path_rate',
+    'padding',
+    'depthwise_impl',
+    'bn_group_size',
+    'activation',
+    'features_only',
+)
 _SCALING = ('width', 'depth', 'resolution')
 
 
-def scaled_variant(name: str, *, width: float | None = None, depth: float | None = None,
-                   resolution: int | None = None) -> Variant:
+def scaled_variant(
+    name: str,
+    *,
+    width: float | None = None,
+    depth: float | None = None,
+    resolution: int | None = None,
+) -> Variant:
     """The named variant with its compound-scaling coefficients overridden.
 
     A changed width or depth makes a custom member of the family, named
@@ -52,15 +64,17 @@ def scaled_variant(name: str, *, width: float | None = None, depth: float | None
     if width is not None or depth is not None:
         width = variant.width if width is None else width
         depth = variant.depth if depth is None else depth
-        variant = dataclasses.replace(variant, name=f'{variant.name}-w{width:g}-d{depth:g}',
-                                      width=width, depth=depth)
+        variant = dataclasses.replace(
+            variant, name=f'{variant.name}-w{width:g}-d{depth:g}', width=width, depth=depth
+        )
     if resolution is not None:
         variant = dataclasses.replace(variant, resolution=resolution)
     return variant
 
 
-def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
-                 **overrides: Any) -> EfficientNet:
+def create_model(
+    name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **overrides: Any
+) -> EfficientNet:
     """Builds the named variant ('efficientnet-b0' ... 'efficientnet-l2', 'efficientnet-lite0'
     ... 'efficientnet-lite4', or short forms 'b0', 'lite0').
 
@@ -82,7 +96,8 @@ def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32
         raise ValueError(f'padding must be one of {PADDINGS}, got {overrides["padding"]!r}')
     if overrides.get('depthwise_impl', 'auto') not in DEPTHWISE_IMPLS:
         raise ValueError(
-            f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {overrides["depthwise_impl"]!r}')
+            f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {overrides["depthwise_impl"]!r}'
+        )
     for key in ('dropout_rate', 'drop_path_rate'):
         v = overrides.get(key)
         if v is not None and not 0.0 <= v < 1.0:

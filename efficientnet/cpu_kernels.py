@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
-_TARGETS = {'depthwise_forward': 'EfficientNetDepthwiseForward',
-            'depthwise_backward': 'EfficientNetDepthwiseBackward'}
+_TARGETS = {
+    'depthwise_forward': 'EfficientNetDepthwiseForward',
+    'depthwise_backward': 'EfficientNetDepthwiseBackward',
+}
 _PREFIX = 'efficientnet_cpu_'
 _lock = threading.Lock()
 _state: dict = {}
@@ -64,8 +66,21 @@ def build(force: bool = False) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
     os.close(fd)
-    cmd = [cxx, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w',
-           '-I', jax.ffi.include_dir(), _SOURCE, '-o', tmp, '-lpthread']
+    cmd = [
+        cxx,
+        '-O3',
+        '-march=native',
+        '-std=c++17',
+        '-shared',
+        '-fPIC',
+        '-w',
+        '-I',
+        jax.ffi.include_dir(),
+        _SOURCE,
+        '-o',
+        tmp,
+        '-lpthread',
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
@@ -88,14 +103,17 @@ def available() -> bool:
             try:
                 lib = ctypes.cdll.LoadLibrary(build())
                 for short, symbol in _TARGETS.items():
-                    jax.ffi.register_ffi_target(_PREFIX + short,
-                                                jax.ffi.pycapsule(getattr(lib, symbol)),
-                                                platform='cpu')
+                    jax.ffi.register_ffi_target(
+                        _PREFIX + short, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu'
+                    )
                 _state['lib'] = lib
                 _state['ok'] = True
             except (RuntimeError, OSError, AttributeError) as e:
-                logging.warning('efficientnet: CPU depthwise kernels unavailable (%s); using '
-                                'the unrolled XLA form', str(e).splitlines()[0])
+                logging.warning(
+                    'efficientnet: CPU depthwise kernels unavailable (%s); using '
+                    'the unrolled XLA form',
+                    str(e).splitlines()[0],
+                )
                 _state['ok'] = False
         return _state['ok']
 
@@ -114,9 +132,11 @@ def _forward(x, kernel, stride, pads):
     out_h = (xp.shape[1] - k) // stride + 1
     out_w = (xp.shape[2] - k) // stride + 1
     w = kernel[:, :, 0, :]
-    y = jax.ffi.ffi_call(_PREFIX + 'depthwise_forward',
-                         jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype),
-                         vmap_method='sequential')(xp, w, stride=np.int64(stride))
+    y = jax.ffi.ffi_call(
+        _PREFIX + 'depthwise_forward',
+        jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype),
+        vmap_method='sequential',
+    )(xp, w, stride=np.int64(stride))
     return y, (xp, w, x.shape)
 
 
@@ -124,11 +144,19 @@ def _backward(stride, pads, res, g):
     xp, w, x_shape = res
     dx, dw_per_example = jax.ffi.ffi_call(
         _PREFIX + 'depthwise_backward',
-        (jax.ShapeDtypeStruct(x_shape, xp.dtype),
-         jax.ShapeDtypeStruct((x_shape[0],) + w.shape, xp.dtype)),
+        (
+            jax.ShapeDtypeStruct(x_shape, xp.dtype),
+            jax.ShapeDtypeStruct((x_shape[0],) + w.shape, xp.dtype),
+        ),
         vmap_method='sequential',
-    )(xp, w, g, stride=np.int64(stride), pad_top=np.int64(pads[0][0]),
-      pad_left=np.int64(pads[1][0]))
+    )(
+        xp,
+        w,
+        g,
+        stride=np.int64(stride),
+        pad_top=np.int64(pads[0][0]),
+        pad_left=np.int64(pads[1][0]),
+    )
     return dx, jnp.sum(dw_per_example, axis=0)[:, :, None, :]
 
 
@@ -142,8 +170,9 @@ def _self_check() -> float:
     pads = ((1, 2), (1, 2))
 
     def ref(x, kern):
-        return jax.lax.conv_general_dilated(x, kern, (2, 2), pads, feature_group_count=8,
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return jax.lax.conv_general_dilated(
+            x, kern, (2, 2), pads, feature_group_count=8, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
 
     worst = 0.0
     for f in (ref, lambda x, kern: depthwise(x, kern, 2, pads)):

@@ -58,8 +58,10 @@ def pad_amounts(size: int, kernel: int, stride: int, padding: str) -> tuple[int,
 
 
 def _pads(x: Array, kernel: int, stride: int, padding: str) -> list[tuple[int, int]]:
-    return [pad_amounts(x.shape[1], kernel, stride, padding),
-            pad_amounts(x.shape[2], kernel, stride, padding)]
+    return [
+        pad_amounts(x.shape[1], kernel, stride, padding),
+        pad_amounts(x.shape[2], kernel, stride, padding),
+    ]
 
 
 def activation_fn(name: str) -> Callable[[Array], Array]:
@@ -79,11 +81,24 @@ def _patches(x: Array, kernel: int, stride: int, padding: str) -> Array:
     xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
     out_h = (xp.shape[1] - kernel) // stride + 1
     out_w = (xp.shape[2] - kernel) // stride + 1
-    return jnp.concatenate([
-        jax.lax.slice(xp, (0, i, j, 0),
-                      (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                       xp.shape[3]), (1, stride, stride, 1))
-        for i in range(kernel) for j in range(kernel)], axis=-1)
+    return jnp.concatenate(
+        [
+            jax.lax.slice(
+                xp,
+                (0, i, j, 0),
+                (
+                    xp.shape[0],
+                    i + (out_h - 1) * stride + 1,
+                    j + (out_w - 1) * stride + 1,
+                    xp.shape[3],
+                ),
+                (1, stride, stride, 1),
+            )
+            for i in range(kernel)
+            for j in range(kernel)
+        ],
+        axis=-1,
+    )
 
 
 def pointwise_conv(x: Array, w: Array) -> Array:
@@ -135,22 +150,30 @@ class Conv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.param('kernel', conv_kernel_init,
-                       (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        k = self.param(
+            'kernel',
+            conv_kernel_init,
+            (self.kernel, self.kernel, x.shape[-1], self.features),
+            jnp.float32,
+        )
         if self.kernel == 1 and self.stride == 1:
             # A pointwise conv is a matmul over channels; as a dot XLA uses its GEMM path.
             y = pointwise_conv(x.astype(self.dtype), k[0, 0].astype(self.dtype))
-        elif jax.default_backend() == 'cpu' and self.kernel ** 2 * x.shape[-1] <= 64:
+        elif jax.default_backend() == 'cpu' and self.kernel**2 * x.shape[-1] <= 64:
             # The stem (3x3 over 3 channels): XLA:CPU's convolution handles so few input
             # channels poorly; gathering the k*k*C patch values is cheap and the rest is a GEMM.
-            y = pointwise_conv(_patches(x.astype(self.dtype), self.kernel, self.stride,
-                                        self.padding),
-                               k.reshape(-1, self.features).astype(self.dtype))
+            y = pointwise_conv(
+                _patches(x.astype(self.dtype), self.kernel, self.stride, self.padding),
+                k.reshape(-1, self.features).astype(self.dtype),
+            )
         else:
             y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
+                x.astype(self.dtype),
+                k.astype(self.dtype),
+                (self.stride, self.stride),
                 _pads(x, self.kernel, self.stride, self.padding),
-                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            )
         if self.use_bias:
             b = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + b.astype(self.dtype)
@@ -189,8 +212,13 @@ def depthwise_conv(x: Array, kernel: Array, stride: int, padding: str, impl: str
     impl = resolve_depthwise_impl(impl, x.dtype)
     if impl == 'xla':
         return jax.lax.conv_general_dilated(
-            x, kernel, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=x.shape[-1])
+            x,
+            kernel,
+            (stride, stride),
+            pads,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=x.shape[-1],
+        )
     if impl == 'cpu_kernel':
         from efficientnet import cpu_kernels
 
@@ -205,10 +233,16 @@ def _shift_sum(xp: Array, taps: Array, stride: int, out_h: int, out_w: int) -> A
     for i in range(k):
         for j in range(k):
             patch = jax.lax.slice(
-                xp, (0, i, j, 0),
-                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                 xp.shape[3]),
-                (1, stride, stride, 1))
+                xp,
+                (0, i, j, 0),
+                (
+                    xp.shape[0],
+                    i + (out_h - 1) * stride + 1,
+                    j + (out_w - 1) * stride + 1,
+                    xp.shape[3],
+                ),
+                (1, stride, stride, 1),
+            )
             term = patch * taps[i, j]
             out = term if out is None else out + term
     return out
@@ -238,21 +272,37 @@ def _depthwise_unrolled_bwd(stride, pads, res, g):
     k = kernel.shape[0]
     n, hp, wp, c = xp.shape
     g = jax.lax.optimization_barrier(g)
-    gd = jax.lax.pad(g, jnp.zeros((), g.dtype),
-                     [(0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1),
-                      (0, 0, 0)])
+    gd = jax.lax.pad(
+        g,
+        jnp.zeros((), g.dtype),
+        [(0, 0, 0), (k - 1, k - 1, stride - 1), (k - 1, k - 1, stride - 1), (0, 0, 0)],
+    )
     span_h, span_w = gd.shape[1] - k + 1, gd.shape[2] - k + 1
     dxp = _shift_sum(gd, kernel[::-1, ::-1, 0, :], 1, span_h, span_w)
     # Rows/columns of xp beyond the last window (possible when stride > 1) get no gradient.
     dxp = jnp.pad(dxp, [(0, 0), (0, hp - span_h), (0, wp - span_w), (0, 0)])
-    dx = dxp[:, pads[0][0]:hp - pads[0][1], pads[1][0]:wp - pads[1][1], :]
+    dx = dxp[:, pads[0][0] : hp - pads[0][1], pads[1][0] : wp - pads[1][1], :]
     out_h, out_w = g.shape[1], g.shape[2]
-    dk = jnp.stack([
-        jnp.stack([
-            jnp.sum(jax.lax.slice(xp, (0, i, j, 0),
-                                  (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                                   c), (1, stride, stride, 1)) * g, axis=(0, 1, 2))
-            for j in range(k)]) for i in range(k)])[:, :, None, :]
+    dk = jnp.stack(
+        [
+            jnp.stack(
+                [
+                    jnp.sum(
+                        jax.lax.slice(
+                            xp,
+                            (0, i, j, 0),
+                            (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                            (1, stride, stride, 1),
+                        )
+                        * g,
+                        axis=(0, 1, 2),
+                    )
+                    for j in range(k)
+                ]
+            )
+            for i in range(k)
+        ]
+    )[:, :, None, :]
     return dx, dk.astype(kernel.dtype)
 
 
@@ -268,10 +318,12 @@ class DepthwiseConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.param('kernel', depthwise_kernel_init, (self.kernel, self.kernel, 1, x.shape[-1]),
-                       jnp.float32)
-        return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride,
-                              self.padding, self.impl)
+        k = self.param(
+            'kernel', depthwise_kernel_init, (self.kernel, self.kernel, 1, x.shape[-1]), jnp.float32
+        )
+        return depthwise_conv(
+            x.astype(self.dtype), k.astype(self.dtype), self.stride, self.padding, self.impl
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -64,8 +64,9 @@ class MBConv(nn.Module):
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, dtype=self.dtype, name='expand_conv')(x)
             x = act(BatchNorm(**bn, name='expand_bn')(x))
-        x = DepthwiseConv2D(s.kernel, s.stride, self.padding, self.depthwise_impl,
-                            dtype=self.dtype, name='dw_conv')(x)
+        x = DepthwiseConv2D(
+            s.kernel, s.stride, self.padding, self.depthwise_impl, dtype=self.dtype, name='dw_conv'
+        )(x)
         x = act(BatchNorm(**bn, name='dw_bn')(x))
         if s.se_channels:
             x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
@@ -113,7 +114,8 @@ class EfficientNet(nn.Module):
         if x.shape[-1] != 3:
             raise ValueError(
                 f'expected 3 colour channels last (NHWC), got shape {tuple(x.shape)}; '
-                'grayscale images must be repeated to 3 channels, NCHW transposed to NHWC')
+                'grayscale images must be repeated to 3 channels, NCHW transposed to NHWC'
+            )
         if x.shape[1] < 2 or x.shape[2] < 2:
             raise ValueError(f'images of {x.shape[1]}x{x.shape[2]} are too small')
 
@@ -125,15 +127,28 @@ class EfficientNet(nn.Module):
         bn = dict(use_running_average=not train, group_size=self.bn_group_size, dtype=self.dtype)
         endpoints = {}
 
-        x = Conv2D(arch.stem_channels(self.variant), kernel=3, stride=2, padding=self.padding,
-                   dtype=self.dtype, name='stem_conv')(x)
+        x = Conv2D(
+            arch.stem_channels(self.variant),
+            kernel=3,
+            stride=2,
+            padding=self.padding,
+            dtype=self.dtype,
+            name='stem_conv',
+        )(x)
         x = act(BatchNorm(**bn, name='stem_bn')(x))
 
         blocks = self.blocks
         names = arch.endpoint_blocks(blocks)
         for spec in blocks:
-            x = MBConv(spec, activation, self.padding, self.depthwise_impl, self.bn_group_size,
-                       self.dtype, name=f'blocks_{spec.index}')(x, train)
+            x = MBConv(
+                spec,
+                activation,
+                self.padding,
+                self.depthwise_impl,
+                self.bn_group_size,
+                self.dtype,
+                name=f'blocks_{spec.index}',
+            )(x, train)
             if spec.index in names:
                 endpoints[names[spec.index]] = x
         if self.features_only:

@@ -31,13 +31,13 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 def check_normalization(normalization: str) -> str:
     """Returns ``normalization`` if it is a known name; ValueError listing the names if not."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f'unknown normalization {normalization!r}; '
-                         f'expected one of {sorted(NORMALIZATIONS)}')
+        raise ValueError(
+            f'unknown normalization {normalization!r}; expected one of {sorted(NORMALIZATIONS)}'
+        )
     return normalization
 
 
-def normalize_images(images: jax.Array, normalization: str, dtype: Any = jnp.float32
-                     ) -> jax.Array:
+def normalize_images(images: jax.Array, normalization: str, dtype: Any = jnp.float32) -> jax.Array:
     """uint8 [0, 255] NHWC -> normalised ``dtype``; arithmetic in float32, then cast."""
     mean, std = NORMALIZATIONS[check_normalization(normalization)]
     x = images.astype(jnp.float32)

@@ -69,7 +69,8 @@ def count_params(name: str, num_classes: int = 1000) -> int:
 
     model = create_model(name, num_classes=num_classes)
     shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32)))
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    )
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
 
 
@@ -105,7 +106,8 @@ def format_table(rows: dict[str, dict]) -> str:
         lines.append(
             f'{name:<20}{r["resolution"]:>5}{r["width"]:>7.1f}{r["depth"]:>7.1f}{r["blocks"]:>7}'
             f'{r["params"]:>14,}{fmt(r["paper_params_m"], ">9")}{r["flops"] / 1e9:>10.3f}'
-            f'{fmt(r["paper_flops_b"], ">9")}{fmt(r["paper_top1"], ">7")}')
+            f'{fmt(r["paper_flops_b"], ">9")}{fmt(r["paper_top1"], ">7")}'
+        )
     return '\n'.join(lines)
 
 

@@ -191,7 +191,8 @@ def _load_workdir(
         resolution=int(d.resolution),
         crop_fraction=d.get('crop_fraction'),
         normalization=saved.get('derived', {}).get('normalization')
-        or d.get('normalization') or module.variant.normalization,
+        or d.get('normalization')
+        or module.variant.normalization,
         interpolation=d.get('interpolation', 'bicubic'),
         source=source,
         format='workdir',

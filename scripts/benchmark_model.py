@@ -41,8 +41,9 @@ def report(results: list[dict], as_json: bool) -> None:
         print(json.dumps(results, indent=1))
         return
     for r in results:
-        print('  '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
-                        for k, v in r.items()))
+        print(
+            '  '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items())
+        )
 
 
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise: str) -> dict:
@@ -58,17 +59,29 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise
     variables = jax.jit(model.init)(jax.random.key(1), x[:1])
 
     def loss_fn(params, batch_stats, x, rng):
-        logits, upd = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                  rngs={'dropout': rng}, mutable=['batch_stats'])
+        logits, upd = model.apply(
+            {'params': params, 'batch_stats': batch_stats},
+            x,
+            train=True,
+            rngs={'dropout': rng},
+            mutable=['batch_stats'],
+        )
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1)), upd['batch_stats']
 
     fwd = jax.jit(lambda v, x: model.apply(v, x))
     grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    out = {'framework': 'jax', 'allocator': allocator.name(), 'backend': jax.default_backend(),
-           'device': str(jax.devices()[0].device_kind), 'model': model.variant.name,
-           'batch': batch, 'resolution': res, 'dtype': dtype,
-           'depthwise': efficientnet.layers.resolve_depthwise_impl(depthwise, dt)}
+    out = {
+        'framework': 'jax',
+        'allocator': allocator.name(),
+        'backend': jax.default_backend(),
+        'device': str(jax.devices()[0].device_kind),
+        'model': model.variant.name,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+        'depthwise': efficientnet.layers.resolve_depthwise_impl(depthwise, dt),
+    }
 
     t = time.perf_counter()
     lowered = grad.lower(variables['params'], variables['batch_stats'], x, jax.random.key(2))
@@ -83,8 +96,12 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise
     out['compile_fwd_s'] = time.perf_counter() - t
 
     out['fwd_s'] = _time(lambda: jax.block_until_ready(fwd(variables, x)), steps)
-    out['train_s'] = _time(lambda: jax.block_until_ready(
-        compiled(variables['params'], variables['batch_stats'], x, jax.random.key(2))), steps)
+    out['train_s'] = _time(
+        lambda: jax.block_until_ready(
+            compiled(variables['params'], variables['batch_stats'], x, jax.random.key(2))
+        ),
+        steps,
+    )
     out['fwd_img_s'] = batch / out['fwd_s']
     out['train_img_s'] = batch / out['train_s']
     stats = jax.devices()[0].memory_stats() or {}
@@ -127,10 +144,18 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict
     t = time.perf_counter()
     train()
     first = time.perf_counter() - t
-    out = {'framework': 'torch',
-           'allocator': allocator.name(), 'version': torch.__version__, 'device': device,
-           'threads': torch.get_num_threads(), 'model': full, 'batch': batch, 'resolution': res,
-           'dtype': dtype, 'first_step_s': first}
+    out = {
+        'framework': 'torch',
+        'allocator': allocator.name(),
+        'version': torch.__version__,
+        'device': device,
+        'threads': torch.get_num_threads(),
+        'model': full,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+        'first_step_s': first,
+    }
     out['fwd_s'] = _time(fwd, steps)
     out['train_s'] = _time(train, steps)
     out['fwd_img_s'] = batch / out['fwd_s']
@@ -165,10 +190,12 @@ def main(argv=None) -> int:
     results = [bench_jax(args.model, args.batch, res, args.dtype, args.steps, args.depthwise)]
     if args.torch:
         results.append(bench_torch(args.model, args.batch, res, args.dtype, args.steps))
-        results.append({
-            'train_speedup_vs_torch': results[0]['train_img_s'] / results[1]['train_img_s'],
-            'fwd_speedup_vs_torch': results[0]['fwd_img_s'] / results[1]['fwd_img_s'],
-        })
+        results.append(
+            {
+                'train_speedup_vs_torch': results[0]['train_img_s'] / results[1]['train_img_s'],
+                'fwd_speedup_vs_torch': results[0]['fwd_img_s'] / results[1]['fwd_img_s'],
+            }
+        )
     report(results, args.json)
     return 0
 

@@ -51,14 +51,17 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
     config.batch_size = batch
     # ImageNet's sizes: the schedule's step counts do not change the step's cost.
     imagenet = {'num_classes': 1000, 'num_train': 1_281_167, 'num_eval': 50_000}
-    plan = config_resolve.resolve(config, device_count=jax.device_count(),
-                                  dataset_info_fn=lambda _: imagenet)
+    plan = config_resolve.resolve(
+        config, device_count=jax.device_count(), dataset_info_fn=lambda _: imagenet
+    )
     run = run_lib.create_run(config, plan)
     model, mesh, step = run.model, run.mesh, run.train_step
     state = run.init_state(0)
     rng = np.random.default_rng(0)
-    local = {'image': rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
-             'label': rng.integers(0, 1000, (batch,), dtype=np.int32)}
+    local = {
+        'image': rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
+        'label': rng.integers(0, 1000, (batch,), dtype=np.int32),
+    }
     device_batch = sharding.global_batch(local, mesh)
     state, metrics = step(state, device_batch)
     jax.block_until_ready(metrics)
@@ -71,14 +74,21 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
         jax.block_until_ready(m)
 
     median = _time(one_step, steps)  # one warm-up call, then the median
-    return {'framework': 'jax',
-            'allocator': allocator.name(), 'backend': jax.default_backend(),
-            'devices': jax.device_count(),
-            'model': name, 'batch': batch, 'resolution': res, 'dtype': dtype,
-            'depthwise': efficientnet.layers.resolve_depthwise_impl('auto', model.dtype),
-            'time_to_first_step_s': first,
-            'programs_from_cache': compilation.cache_stats()['cache_hits'],
-            'step_s': median, 'train_img_s': batch / median}
+    return {
+        'framework': 'jax',
+        'allocator': allocator.name(),
+        'backend': jax.default_backend(),
+        'devices': jax.device_count(),
+        'model': name,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+        'depthwise': efficientnet.layers.resolve_depthwise_impl('auto', model.dtype),
+        'time_to_first_step_s': first,
+        'programs_from_cache': compilation.cache_stats()['cache_hits'],
+        'step_s': median,
+        'train_img_s': batch / median,
+    }
 
 
 def bench_jax_cold_warm(args, name: str, res: int) -> list[dict]:
@@ -90,17 +100,32 @@ def bench_jax_cold_warm(args, name: str, res: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix='xla_cache_') as cache:
         for cache_state in ('cold', 'warm'):
-            cmd = [sys.executable, os.path.abspath(__file__), '--model', name, '--batch',
-                   str(args.batch), '--resolution', str(res), '--dtype', args.dtype, '--steps',
-                   str(args.steps), '--cache-dir', cache, '--json']
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                '--model',
+                name,
+                '--batch',
+                str(args.batch),
+                '--resolution',
+                str(res),
+                '--dtype',
+                args.dtype,
+                '--steps',
+                str(args.steps),
+                '--cache-dir',
+                cache,
+                '--json',
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            row = json.loads(out[out.index('['):])[0]
+            row = json.loads(out[out.index('[') :])[0]
             rows.append({'cache': cache_state, **row})
     return rows
 
 
-def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
-                channels_last: bool) -> dict:
+def bench_torch(
+    name: str, batch: int, res: int, dtype: str, steps: int, channels_last: bool
+) -> dict:
     import torch
     from efficientnet_pytorch import EfficientNet
 
@@ -110,8 +135,14 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
     t0 = time.perf_counter()
     net = EfficientNet.from_name(name, image_size=res).to(device).to(memory_format=fmt)
     net.train()
-    opt = torch.optim.RMSprop(net.parameters(), lr=0.016 * batch / 256, alpha=0.9,
-                              momentum=0.9, eps=1e-3, weight_decay=1e-5)
+    opt = torch.optim.RMSprop(
+        net.parameters(),
+        lr=0.016 * batch / 256,
+        alpha=0.9,
+        momentum=0.9,
+        eps=1e-3,
+        weight_decay=1e-5,
+    )
     ema = [t.detach().clone() for t in net.state_dict().values() if t.is_floating_point()]
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -133,19 +164,31 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int,
     run()
     first = time.perf_counter() - t0
     median = _time(run, steps)
-    return {'framework': 'torch',
-            'allocator': allocator.name(), 'version': torch.__version__, 'device': device,
-            'threads': torch.get_num_threads(), 'memory_format':
-            'channels_last' if channels_last else 'contiguous', 'model': name, 'batch': batch,
-            'resolution': res, 'dtype': dtype, 'time_to_first_step_s': first, 'step_s': median,
-            'train_img_s': batch / median}
+    return {
+        'framework': 'torch',
+        'allocator': allocator.name(),
+        'version': torch.__version__,
+        'device': device,
+        'threads': torch.get_num_threads(),
+        'memory_format': 'channels_last' if channels_last else 'contiguous',
+        'model': name,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+        'time_to_first_step_s': first,
+        'step_s': median,
+        'train_img_s': batch / median,
+    }
 
 
 def main(argv=None) -> int:
     p = benchmark_parser(__doc__)
-    p.add_argument('--cache-dir', default=None,
-                   help='persistent compilation cache for one JAX run in this process '
-                        '(default: a cold and a warm run, each in a fresh process)')
+    p.add_argument(
+        '--cache-dir',
+        default=None,
+        help='persistent compilation cache for one JAX run in this process '
+        '(default: a cold and a warm run, each in a fresh process)',
+    )
     args = p.parse_args(argv)
 
     import efficientnet

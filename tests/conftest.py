@@ -24,14 +24,16 @@ def tools_env(tmp_path_factory) -> dict:
     """Environment for train.py and script subprocesses: one CPU device (faster to compile than
     the suite's eight) and a compilation cache shared by every test of the session."""
     env = dict(os.environ)
-    env.update({
-        'XLA_FLAGS': '',
-        'JAX_PLATFORMS': 'cpu',
-        'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.getbasetemp() / 'tools_jax_cache'),
-        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-        'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-        'TF_CPP_MIN_LOG_LEVEL': '2',
-    })
+    env.update(
+        {
+            'XLA_FLAGS': '',
+            'JAX_PLATFORMS': 'cpu',
+            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.getbasetemp() / 'tools_jax_cache'),
+            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+            'TF_CPP_MIN_LOG_LEVEL': '2',
+        }
+    )
     return env
 
 

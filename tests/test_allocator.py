@@ -10,23 +10,36 @@ import pytest
 from training import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = ('import os, sys; print("pid", os.getpid(), sys.argv[1:], flush=True); '
-          'from training import allocator; allocator.use_tcmalloc(); '
-          'print("after", os.getpid(), allocator.name(), sys.argv[1:])')
+SCRIPT = (
+    'import os, sys; print("pid", os.getpid(), sys.argv[1:], flush=True); '
+    'from training import allocator; allocator.use_tcmalloc(); '
+    'print("after", os.getpid(), allocator.name(), sys.argv[1:])'
+)
 
 
 def _run(**env_changes):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('LD_PRELOAD', 'EFFICIENTNET_TCMALLOC_REEXEC')}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('LD_PRELOAD', 'EFFICIENTNET_TCMALLOC_REEXEC')
+    }
     env.update(env_changes, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, '-c', SCRIPT, 'x', '--y=1'], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, '-c', SCRIPT, 'x', '--y=1'],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     return p.stdout.splitlines()
 
 
-@pytest.mark.skipif(allocator.find_tcmalloc() is None,
-                    reason='libtcmalloc-minimal4 is not installed (make setup installs it)')
+@pytest.mark.skipif(
+    allocator.find_tcmalloc() is None,
+    reason='libtcmalloc-minimal4 is not installed (make setup installs it)',
+)
 def test_reexecutes_under_tcmalloc_once_keeping_pid_and_arguments():
     lines = _run()
     pids = [line.split()[1] for line in lines if line.startswith('pid')]
@@ -44,6 +57,12 @@ def test_switch_off_keeps_the_system_allocator():
 def _describe_with_switch_off():
     env = dict(os.environ, EFFICIENTNET_TCMALLOC='0', PYTHONPATH=ROOT)
     env.pop('LD_PRELOAD', None)
-    return subprocess.run([sys.executable, '-c', 'from training import allocator; '
-                           'print(allocator.describe())'], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=True).stdout
+    return subprocess.run(
+        [sys.executable, '-c', 'from training import allocator; print(allocator.describe())'],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout

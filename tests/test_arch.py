@@ -21,15 +21,24 @@ REFERENCE_TABLE = {
     'b6': (56, (32, 40, 72, 144, 200, 344, 576), 2304, (3, 6, 6, 8, 8, 11, 3), 45, 43_040_704),
     'b7': (64, (32, 48, 80, 160, 224, 384, 640), 2560, (4, 7, 7, 10, 10, 13, 4), 55, 66_347_960),
     'b8': (72, (32, 56, 88, 176, 248, 424, 704), 2816, (4, 8, 8, 11, 11, 15, 4), 61, 87.4e6),
-    'l2': (136, (72, 104, 176, 344, 480, 824, 1376), 5504, (6, 11, 11, 16, 16, 22, 6), 88,
-           480.3e6),
+    'l2': (136, (72, 104, 176, 344, 480, 824, 1376), 5504, (6, 11, 11, 16, 16, 22, 6), 88, 480.3e6),
 }
 REFERENCE_SCALING = {  # (width, depth, resolution, dropout)
-    'b0': (1.0, 1.0, 224, 0.2), 'b1': (1.0, 1.1, 240, 0.2), 'b2': (1.1, 1.2, 260, 0.3),
-    'b3': (1.2, 1.4, 300, 0.3), 'b4': (1.4, 1.8, 380, 0.4), 'b5': (1.6, 2.2, 456, 0.4),
-    'b6': (1.8, 2.6, 528, 0.5), 'b7': (2.0, 3.1, 600, 0.5), 'b8': (2.2, 3.6, 672, 0.5),
-    'l2': (4.3, 5.3, 800, 0.5), 'lite0': (1.0, 1.0, 224, 0.2), 'lite1': (1.0, 1.1, 240, 0.2),
-    'lite2': (1.1, 1.2, 260, 0.3), 'lite3': (1.2, 1.4, 280, 0.3), 'lite4': (1.4, 1.8, 300, 0.3),
+    'b0': (1.0, 1.0, 224, 0.2),
+    'b1': (1.0, 1.1, 240, 0.2),
+    'b2': (1.1, 1.2, 260, 0.3),
+    'b3': (1.2, 1.4, 300, 0.3),
+    'b4': (1.4, 1.8, 380, 0.4),
+    'b5': (1.6, 2.2, 456, 0.4),
+    'b6': (1.8, 2.6, 528, 0.5),
+    'b7': (2.0, 3.1, 600, 0.5),
+    'b8': (2.2, 3.6, 672, 0.5),
+    'l2': (4.3, 5.3, 800, 0.5),
+    'lite0': (1.0, 1.0, 224, 0.2),
+    'lite1': (1.0, 1.1, 240, 0.2),
+    'lite2': (1.1, 1.2, 260, 0.3),
+    'lite3': (1.2, 1.4, 280, 0.3),
+    'lite4': (1.4, 1.8, 300, 0.3),
 }
 
 
@@ -62,8 +71,15 @@ def test_b0_block_table_and_se_channels():
     for b in specs:
         stage_first.setdefault(b.stage, b)
     # docs/reference.md §2: kernel, stride, expand, in, out of each stage's first block.
-    table = [(3, 1, 1, 32, 16), (3, 2, 6, 16, 24), (5, 2, 6, 24, 40), (3, 2, 6, 40, 80),
-             (5, 1, 6, 80, 112), (5, 2, 6, 112, 192), (3, 1, 6, 192, 320)]
+    table = [
+        (3, 1, 1, 32, 16),
+        (3, 2, 6, 16, 24),
+        (5, 2, 6, 24, 40),
+        (3, 2, 6, 40, 80),
+        (5, 1, 6, 80, 112),
+        (5, 2, 6, 112, 192),
+        (3, 1, 6, 192, 320),
+    ]
     for s, row in enumerate(table):
         b = stage_first[s]
         assert (b.kernel, b.stride, b.expand, b.in_channels, b.out_channels) == row
@@ -78,18 +94,19 @@ def test_b0_block_table_and_se_channels():
 
 def test_round_filters_formula():
     assert arch.round_filters(32, 1.0) == 32
-    assert arch.round_filters(32, 1.1) == 32   # 35.2 -> 32 (not below 0.9 * 35.2)
-    assert arch.round_filters(40, 1.1) == 48   # 44 -> int(48) // 8 * 8 = 48
-    assert arch.round_filters(24, 1.4) == 32   # 33.6 -> 32
+    assert arch.round_filters(32, 1.1) == 32  # 35.2 -> 32 (not below 0.9 * 35.2)
+    assert arch.round_filters(40, 1.1) == 48  # 44 -> int(48) // 8 * 8 = 48
+    assert arch.round_filters(24, 1.4) == 32  # 33.6 -> 32
     assert arch.round_filters(1280, 4.3) == 5504
-    assert arch.round_filters(16, 0.1) == 8    # floor at the divisor
-    assert arch.round_filters(12, 1.0) == 16   # 12 -> 16 rounds half up
+    assert arch.round_filters(16, 0.1) == 8  # floor at the divisor
+    assert arch.round_filters(12, 1.0) == 16  # 12 -> 16 rounds half up
     assert arch.round_repeats(3, 1.1) == 4 and arch.round_repeats(1, 3.1) == 4
 
 
 def test_lite_variants():
-    for i, (params_m, res) in enumerate([(4.652008, 224), (None, 240), (None, 260), (None, 280),
-                                         (13.006568, 300)]):
+    for i, (params_m, res) in enumerate(
+        [(4.652008, 224), (None, 240), (None, 260), (None, 280), (13.006568, 300)]
+    ):
         v = arch.get_variant(f'lite{i}')
         assert v.activation == 'relu6' and not v.use_se and v.resolution == res
         assert arch.stem_channels(v) == 32 and arch.head_channels(v) == 1280
@@ -98,7 +115,8 @@ def test_lite_variants():
         assert all(b.se_channels == 0 for b in arch.build_blocks(v))
         if params_m:  # docs/reference.md §1: lite0 4.7M, lite4 13.0M
             assert round(param_count(efficientnet.create_model(f'lite{i}')) / 1e6, 1) == round(
-                params_m, 1)
+                params_m, 1
+            )
     assert efficientnet.model_info('lite0')['mean'] == (127.0,) * 3
     assert efficientnet.model_info('lite0')['std'] == (128.0,) * 3
 

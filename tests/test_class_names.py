@@ -23,7 +23,5 @@ def test_class_names_for_datasets():
     assert class_names(fmnist)[9] == 'Ankle boot'
     fake = LoadedModel(num_classes=4, data_config={'name': 'fake'}, **base)
     assert class_names(fake) == ['class_0', 'class_1', 'class_2', 'class_3']
-    gone = LoadedModel(
-        num_classes=2, data_config={'name': 'folder', 'folder': '/none'}, **base
-    )
+    gone = LoadedModel(num_classes=2, data_config={'name': 'folder', 'folder': '/none'}, **base)
     assert class_names(gone) == ['class_0', 'class_1']

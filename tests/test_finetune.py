@@ -206,8 +206,16 @@ def test_weights_of_another_model_are_refused(env, folder, tmp_path):
     path = str(tmp_path / 'narrow.msgpack')
     random_tiny_weights(path)
     args = [a for a in TINY if not a.startswith('--config.model.width')]
-    p = train(env, f'--workdir={tmp_path / "run"}', f'--config.init_from={path}',
-              f'--config.data.folder={folder}', '--config.model.width=0.5', *args, *SHORT)
+    p = train(
+        env,
+        f'--workdir={tmp_path / "run"}',
+        f'--config.init_from={path}',
+        f'--config.data.folder={folder}',
+        '--config.model.width=0.5',
+        *args,
+        *SHORT,
+    )
     assert p.returncode != 0
     assert 'does not fit config.model' in p.stderr and 'Only the classifier may differ' in (
-        p.stderr), p.stderr[-3000:]
+        p.stderr
+    ), p.stderr[-3000:]

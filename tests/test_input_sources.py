@@ -50,8 +50,12 @@ def test_fashion_mnist_missing_offline_fails_fast_and_says_how_to_prepare(tmp_pa
     # An unresolvable host (.invalid never resolves, RFC 2606) stands for a machine without
     # internet: tfds itself would retry for minutes before its ConnectionError.
     monkeypatch.setattr(tfds_source, 'FASHION_MNIST_HOST', 'fashion-mnist.invalid')
-    config = fx.data_config(name='fashion_mnist', num_classes=10, data_dir=str(tmp_path / 'tfds'),
-                            fashion_mnist_dir=str(tmp_path / 'none'))
+    config = fx.data_config(
+        name='fashion_mnist',
+        num_classes=10,
+        data_dir=str(tmp_path / 'tfds'),
+        fashion_mnist_dir=str(tmp_path / 'none'),
+    )
     started = time.monotonic()
     with pytest.raises(FileNotFoundError) as err:
         input_pipeline.dataset_info(config)

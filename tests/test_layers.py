@@ -33,8 +33,9 @@ def test_depthwise_implementations_agree(impl, kernel, stride, padding, size):
     y_xla, y_impl = f('xla')(x, w), jax.jit(f(impl))(x, w)
     assert y_xla.shape == y_impl.shape
     np.testing.assert_allclose(y_impl, y_xla, rtol=1e-5, atol=1e-5)
-    g = lambda impl: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(impl)(x, w))),
-                                      argnums=(0, 1)))(x, w)
+    g = lambda impl: jax.jit(
+        jax.grad(lambda x, w: jnp.sum(jnp.sin(f(impl)(x, w))), argnums=(0, 1))
+    )(x, w)
     for a, b in zip(g('xla'), g(impl)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
@@ -42,13 +43,22 @@ def test_depthwise_implementations_agree(impl, kernel, stride, padding, size):
 def test_cpu_kernels_are_used_on_cpu_and_can_be_turned_off():
     assert layers.resolve_depthwise_impl('auto') == 'cpu_kernel'  # these tests run on CPU
     assert layers.resolve_depthwise_impl('auto', jnp.bfloat16) == 'unrolled'  # float32 only
-    jaxpr = str(jax.make_jaxpr(lambda x, w: layers.depthwise_conv(x, w, 1, 'same', 'auto'))(
-        jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4))))
+    jaxpr = str(
+        jax.make_jaxpr(lambda x, w: layers.depthwise_conv(x, w, 1, 'same', 'auto'))(
+            jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4))
+        )
+    )
     assert 'efficientnet_cpu_depthwise_forward' in jaxpr
-    code = ('from efficientnet import layers; r = layers.resolve_depthwise_impl; '
-            "print(r('auto'), r('cpu_kernel'))")
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         env={**os.environ, 'EFFICIENTNET_CPU_KERNELS': '0'})
+    code = (
+        'from efficientnet import layers; r = layers.resolve_depthwise_impl; '
+        "print(r('auto'), r('cpu_kernel'))"
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, 'EFFICIENTNET_CPU_KERNELS': '0'},
+    )
     assert out.stdout.split() == ['unrolled', 'unrolled'], out.stderr
 
 
@@ -74,8 +84,9 @@ def test_stem_conv_as_patches_matches_convolution(padding):
     conv = layers.Conv2D(8, 3, 2, padding=padding)
 
     def ref(x, w):
-        return jax.lax.conv_general_dilated(x, w, (2, 2), layers._pads(x, 3, 2, padding),
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return jax.lax.conv_general_dilated(
+            x, w, (2, 2), layers._pads(x, 3, 2, padding), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
 
     ours = lambda x, w: conv.apply({'params': {'kernel': w}}, x)
     np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
@@ -92,8 +103,9 @@ def test_same_padding_matches_tensorflow():
         w = rng.normal(size=(k, k, 4, 1)).astype(np.float32)
         ref = tf.nn.depthwise_conv2d(x, w, (1, s, s, 1), 'SAME').numpy()
         for impl in ('xla', 'unrolled', 'cpu_kernel'):
-            ours = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w.transpose(0, 1, 3, 2)), s,
-                                         'same', impl)
+            ours = layers.depthwise_conv(
+                jnp.asarray(x), jnp.asarray(w.transpose(0, 1, 3, 2)), s, 'same', impl
+            )
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
         wc = rng.normal(size=(k, k, 4, 3)).astype(np.float32)
         ref = tf.nn.conv2d(x, wc, s, 'SAME').numpy()
@@ -108,9 +120,17 @@ def test_symmetric_padding_matches_torch():
     for size, k, s in [(10, 3, 2), (9, 5, 2), (8, 3, 1)]:
         x = rng.normal(size=(1, size, size, 4)).astype(np.float32)
         w = rng.normal(size=(k, k, 1, 4)).astype(np.float32)
-        ref = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                                         torch.from_numpy(w.transpose(3, 2, 0, 1)), stride=s,
-                                         padding=k // 2, groups=4).numpy().transpose(0, 2, 3, 1)
+        ref = (
+            torch.nn.functional.conv2d(
+                torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                torch.from_numpy(w.transpose(3, 2, 0, 1)),
+                stride=s,
+                padding=k // 2,
+                groups=4,
+            )
+            .numpy()
+            .transpose(0, 2, 3, 1)
+        )
         for impl in ('xla', 'unrolled', 'cpu_kernel'):
             ours = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w), s, 'symmetric', impl)
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
@@ -126,16 +146,19 @@ def test_batchnorm_matches_keras():
     ref.set_weights([gamma, beta, np.zeros(4, np.float32), np.ones(4, np.float32)])
     y_ref = np.asarray(ref(x, training=True))
     ours = layers.BatchNorm(use_running_average=False)
-    v = {'params': {'scale': gamma, 'bias': beta},
-         'batch_stats': {'mean': np.zeros(4, np.float32), 'var': np.ones(4, np.float32)}}
+    v = {
+        'params': {'scale': gamma, 'bias': beta},
+        'batch_stats': {'mean': np.zeros(4, np.float32), 'var': np.ones(4, np.float32)},
+    }
     y, upd = ours.apply(v, x, mutable=['batch_stats'])
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(upd['batch_stats']['mean'], ref.moving_mean.numpy(), rtol=1e-5)
     np.testing.assert_allclose(upd['batch_stats']['var'], ref.moving_variance.numpy(), rtol=1e-5)
     # Inference uses the moving statistics.
     v2 = {'params': v['params'], 'batch_stats': upd['batch_stats']}
-    np.testing.assert_allclose(layers.BatchNorm().apply(v2, x), ref(x, training=False),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        layers.BatchNorm().apply(v2, x), ref(x, training=False), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_batchnorm_gradients_match_tensorflow():
@@ -156,8 +179,10 @@ def test_batchnorm_gradients_match_tensorflow():
     gx_ref, gg_ref, gb_ref = tape.gradient(loss, [xt, ref.gamma, ref.beta])
 
     def ours(x, scale, bias):
-        v = {'params': {'scale': scale, 'bias': bias},
-             'batch_stats': {'mean': jnp.zeros(5), 'var': jnp.ones(5)}}
+        v = {
+            'params': {'scale': scale, 'bias': bias},
+            'batch_stats': {'mean': jnp.zeros(5), 'var': jnp.ones(5)},
+        }
         y, _ = layers.BatchNorm(use_running_average=False).apply(v, x, mutable=['batch_stats'])
         return jnp.sum(jnp.sin(y) * w)
 
@@ -171,25 +196,33 @@ def test_batchnorm_groups():
     x = jax.random.normal(jax.random.key(0), (8, 3, 3, 5)) * 2 + 1
     v = layers.BatchNorm(use_running_average=False).init(jax.random.key(1), x)
     whole = lambda x: layers.BatchNorm(use_running_average=False).apply(
-        v, x, mutable=['batch_stats'])
+        v, x, mutable=['batch_stats']
+    )
     grouped, upd = layers.BatchNorm(use_running_average=False, group_size=4).apply(
-        v, x, mutable=['batch_stats'])
+        v, x, mutable=['batch_stats']
+    )
     (a, ua), (b, ub) = whole(x[:4]), whole(x[4:])
     np.testing.assert_allclose(grouped, np.concatenate([a, b]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(upd['batch_stats']['mean'],
-                               (ua['batch_stats']['mean'] + ub['batch_stats']['mean']) / 2,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        upd['batch_stats']['mean'],
+        (ua['batch_stats']['mean'] + ub['batch_stats']['mean']) / 2,
+        rtol=1e-6,
+    )
     # Gradients of the grouped layer equal those of each group normalised on its own.
     w = jax.random.normal(jax.random.key(2), x.shape)
-    loss = lambda bn, x: jnp.sum(bn.apply(v, x, mutable=['batch_stats'])[0] * w[:len(x)])
+    loss = lambda bn, x: jnp.sum(bn.apply(v, x, mutable=['batch_stats'])[0] * w[: len(x)])
     g_grouped = jax.grad(loss, argnums=1)(
-        layers.BatchNorm(use_running_average=False, group_size=4), x)
+        layers.BatchNorm(use_running_average=False, group_size=4), x
+    )
     whole_bn = layers.BatchNorm(use_running_average=False)
     g_a = jax.grad(lambda x: jnp.sum(whole_bn.apply(v, x, mutable=['batch_stats'])[0] * w[:4]))(
-        x[:4])
+        x[:4]
+    )
     g_b = jax.grad(lambda x: jnp.sum(whole_bn.apply(v, x, mutable=['batch_stats'])[0] * w[4:]))(
-        x[4:])
+        x[4:]
+    )
     np.testing.assert_allclose(g_grouped, np.concatenate([g_a, g_b]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match='groups of 3'):
         layers.BatchNorm(use_running_average=False, group_size=3).apply(
-            v, x, mutable=['batch_stats'])
+            v, x, mutable=['batch_stats']
+        )

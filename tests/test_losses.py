@@ -15,8 +15,7 @@ def test_label_smoothing_targets_match_the_official_formula():
     np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=1e-6)
     # Soft (MixUp) targets are smoothed the same way.
     soft = jnp.array([[0.25, 0.75, 0.0, 0.0]])
-    np.testing.assert_allclose(smooth_targets(soft, 4, 0.2), [[0.25, 0.65, 0.05, 0.05]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(smooth_targets(soft, 4, 0.2), [[0.25, 0.65, 0.05, 0.05]], rtol=1e-6)
 
 
 def test_cross_entropy_value_against_direct_formula(rng):

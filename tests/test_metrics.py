@@ -8,12 +8,14 @@ from training.metrics import EvalAccumulator, eval_sums, topk_correct
 
 
 def test_topk_on_fixed_logits():
-    logits = jnp.array([
-        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 6: rank 0
-        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 2: rank 4 -> top-5, not top-1
-        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 1: rank 5 -> neither
-        [9.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # tie at the top, label 1 -> top-1 (ties count)
-    ])
+    logits = jnp.array(
+        [
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 6: rank 0
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 2: rank 4 -> top-5, not top-1
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 1: rank 5 -> neither
+            [9.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # tie at the top, label 1 -> top-1 (ties count)
+        ]
+    )
     labels = jnp.array([6, 2, 1, 1])
     np.testing.assert_array_equal(topk_correct(logits, labels, 1), [1, 0, 0, 1])
     np.testing.assert_array_equal(topk_correct(logits, labels, 5), [1, 1, 0, 1])

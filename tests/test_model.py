@@ -31,8 +31,9 @@ def test_model_depthwise_impls_agree_end_to_end(tiny):
     a = efficientnet.create_model('tiny', num_classes=10, depthwise_impl='xla')
     for impl in ('unrolled', 'cpu_kernel'):
         b = efficientnet.create_model('tiny', num_classes=10, depthwise_impl=impl)
-        np.testing.assert_allclose(jax.jit(a.apply)(v, x), jax.jit(b.apply)(v, x), rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            jax.jit(a.apply)(v, x), jax.jit(b.apply)(v, x), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_drop_path_is_per_example_and_rescaled():
@@ -55,14 +56,14 @@ def test_stochastic_depth_only_in_training_and_residual_blocks(tiny):
             if train:
                 return model.apply(v, x, train=True, rngs=rngs, mutable=['batch_stats'])[0]
             return model.apply(v, x, rngs=rngs)
+
         return f(v, k)
 
     model = efficientnet.create_model('tiny', num_classes=10, dropout_rate=0.0)
     v = tiny[1]
     np.testing.assert_array_equal(run(model, False, 1), run(model, False, 5))
     assert not np.allclose(run(model, True, 1), run(model, True, 2))
-    no_sd = efficientnet.create_model('tiny', num_classes=10, dropout_rate=0.0,
-                                      drop_path_rate=0.0)
+    no_sd = efficientnet.create_model('tiny', num_classes=10, dropout_rate=0.0, drop_path_rate=0.0)
     np.testing.assert_allclose(run(no_sd, True, 1), run(no_sd, True, 2), rtol=1e-6)
 
 
@@ -97,8 +98,11 @@ def test_bfloat16_inference_close_to_float32(tiny):
     bf16 = efficientnet.create_model('tiny', num_classes=10, dtype=jnp.bfloat16)
     v = tiny[1]
     # Non-trivial BN statistics so activations are not all near zero.
-    stats = jax.jit(lambda v: f32.apply(v, x, train=True, rngs={'dropout': jax.random.key(2)},
-                                        mutable=['batch_stats'])[1]['batch_stats'])(v)
+    stats = jax.jit(
+        lambda v: f32.apply(
+            v, x, train=True, rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats']
+        )[1]['batch_stats']
+    )(v)
     v = {'params': v['params'], 'batch_stats': stats}
     a = jax.jit(f32.apply)(v, x)
     b = jax.jit(bf16.apply)(v, x)
@@ -131,8 +135,11 @@ def test_endpoints_and_features():
 def test_training_updates_batch_stats_and_dropout_needs_rng(tiny):
     model, v = tiny
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    _, upd = jax.jit(lambda v: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(2)},
-                                           mutable=['batch_stats']))(v)
+    _, upd = jax.jit(
+        lambda v: model.apply(
+            v, x, train=True, rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats']
+        )
+    )(v)
     before = v['batch_stats']['stem_bn']['mean']
     after = upd['batch_stats']['stem_bn']['mean']
     assert not np.allclose(before, after)

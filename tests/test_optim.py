@@ -17,8 +17,9 @@ tf = pytest.importorskip('tensorflow')
 def _tf_official_lr(base_lr, step, warmup, decay_steps, factor):
     """The official efficientnet utils.build_learning_rate, written with tf.compat.v1 ops."""
     step = tf.constant(step, tf.int64)
-    decayed = tf.compat.v1.train.exponential_decay(base_lr, step, decay_steps, factor,
-                                                   staircase=True)
+    decayed = tf.compat.v1.train.exponential_decay(
+        base_lr, step, decay_steps, factor, staircase=True
+    )
     decayed = decayed() if callable(decayed) else decayed  # eager mode returns a callable
     warm = base_lr * tf.cast(step, tf.float32) / tf.cast(warmup, tf.float32)
     return float(tf.where(step < warmup, warm, decayed))
@@ -26,8 +27,9 @@ def _tf_official_lr(base_lr, step, warmup, decay_steps, factor):
 
 def test_schedule_matches_tf_exponential_decay_staircase():
     base_lr, warmup, decay_steps = 0.256, 5, 3
-    ours = optim.create_learning_rate_schedule(base_lr, kind='exponential', warmup_steps=warmup,
-                                               decay_steps=decay_steps, decay_factor=0.97)
+    ours = optim.create_learning_rate_schedule(
+        base_lr, kind='exponential', warmup_steps=warmup, decay_steps=decay_steps, decay_factor=0.97
+    )
     for step in range(25):
         want = _tf_official_lr(base_lr, step, warmup, decay_steps, 0.97)
         np.testing.assert_allclose(float(ours(step)), want, rtol=1e-6, err_msg=f'step {step}')
@@ -38,8 +40,9 @@ def test_schedule_matches_tf_exponential_decay_staircase():
 
 def test_cosine_schedule_endpoints():
     s = optim.create_learning_rate_schedule(1.0, kind='cosine', warmup_steps=10, total_steps=100)
-    np.testing.assert_allclose([float(s(5)), float(s(50)), float(s(100))], [0.5, 0.5, 0.0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [float(s(5)), float(s(50)), float(s(100))], [0.5, 0.5, 0.0], atol=1e-6
+    )
 
 
 def test_tf1_rmsprop_matches_tf_compat_v1_over_several_steps(rng):
@@ -53,8 +56,9 @@ def test_tf1_rmsprop_matches_tf_compat_v1_over_several_steps(rng):
     var = tf.Variable(w0)
     lr = lambda: _tf_official_lr(base_lr, int(step_var.numpy()), warmup, decay_steps, 0.97)
     tf_opt = tf.compat.v1.train.RMSPropOptimizer(lr, decay=0.9, momentum=0.9, epsilon=1e-3)
-    schedule = optim.create_learning_rate_schedule(base_lr, warmup_steps=warmup,
-                                                   decay_steps=decay_steps)
+    schedule = optim.create_learning_rate_schedule(
+        base_lr, warmup_steps=warmup, decay_steps=decay_steps
+    )
     tx = optim.tf1_rmsprop(schedule, decay=0.9, momentum=0.9, eps=1e-3)
     params = jnp.asarray(w0)
     opt_state = tx.init(params)
@@ -64,8 +68,9 @@ def test_tf1_rmsprop_matches_tf_compat_v1_over_several_steps(rng):
         step_var.assign_add(1)
         updates, opt_state = update(jnp.asarray(grads[t]), opt_state)
         params = optax.apply_updates(params, updates)
-        np.testing.assert_allclose(np.asarray(params), var.numpy(), rtol=1e-5, atol=1e-6,
-                                   err_msg=f'after update {t + 1}')
+        np.testing.assert_allclose(
+            np.asarray(params), var.numpy(), rtol=1e-5, atol=1e-6, err_msg=f'after update {t + 1}'
+        )
     assert not np.allclose(np.asarray(params), w0)
 
 
@@ -78,8 +83,7 @@ def _b0_variables():
 def test_weight_decay_covers_everything_but_batchnorm():
     v = _b0_variables()
     mask = optim.weight_decay_mask(v['params'], v['batch_stats'])
-    flat = {jax.tree_util.keystr(p): m for p, m in
-            jax.tree_util.tree_flatten_with_path(mask)[0]}
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     excluded = sorted(k for k, m in flat.items() if not m)
     covered = sorted(k for k, m in flat.items() if m)
     # Exactly the BatchNorm scale/bias pairs are excluded: 49 BNs in B0 (stem, head, and
@@ -91,8 +95,11 @@ def test_weight_decay_covers_everything_but_batchnorm():
     assert "['blocks_3']['se']['reduce']['bias']" in covered
     assert "['blocks_3']['se']['expand']['kernel']" in covered
     assert "['classifier']['kernel']" in covered and "['classifier']['bias']" in covered
-    n_cov = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(v['params']),
-                                                      jax.tree.leaves(mask)) if m)
+    n_cov = sum(
+        int(np.prod(x.shape))
+        for x, m in zip(jax.tree.leaves(v['params']), jax.tree.leaves(mask))
+        if m
+    )
     n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v['params']))
     assert n_all == 5_288_548  # docs/reference.md §1
     n_stats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v['batch_stats']))
@@ -113,8 +120,9 @@ def test_decoupled_decay_clipping_and_accumulation():
     params = {'w': jnp.array([1.0, -2.0]), 'bn': jnp.array([3.0])}
     mask = {'w': True, 'bn': False}
     zero = jax.tree.map(jnp.zeros_like, params)
-    tx = optim.create_optimizer(_optim_config(weight_decay=0.1, weight_decay_mode='decoupled'),
-                                lambda s: 0.5, mask)
+    tx = optim.create_optimizer(
+        _optim_config(weight_decay=0.1, weight_decay_mode='decoupled'), lambda s: 0.5, mask
+    )
     u, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(u['w'], [-0.05, 0.1])  # -lr * wd * w
     np.testing.assert_allclose(u['bn'], [0.0])

@@ -8,8 +8,16 @@ import pytest
 
 from efficientnet import arch
 
-PAPER_FLOPS_B = {'b0': 0.39, 'b1': 0.70, 'b2': 1.0, 'b3': 1.8, 'b4': 4.2, 'b5': 9.9, 'b6': 19,
-                 'b7': 37}
+PAPER_FLOPS_B = {
+    'b0': 0.39,
+    'b1': 0.70,
+    'b2': 1.0,
+    'b3': 1.8,
+    'b4': 4.2,
+    'b5': 9.9,
+    'b6': 19,
+    'b7': 37,
+}
 
 
 def _torch_macs(name, res):
@@ -57,12 +65,19 @@ def test_flops(name):
 def test_summary_json_cli():
     import json
 
-    out = subprocess.run([sys.executable, '-m', 'efficientnet.summary', '--json', '--models',
-                          'b0', 'lite0'], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, '-m', 'efficientnet.summary', '--json', '--models', 'b0', 'lite0'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = json.loads(out.stdout)
     assert rows['efficientnet-b0']['params'] == 5_288_548
     assert rows['efficientnet-b0']['resolution'] == 224
     assert abs(rows['efficientnet-b0']['flops'] - 0.386e9) < 1e6
-    bad = subprocess.run([sys.executable, '-m', 'efficientnet.summary', '--models', 'b9'],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, '-m', 'efficientnet.summary', '--models', 'b9'],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and 'unknown EfficientNet variant' in bad.stderr

@@ -31,26 +31,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.update({
-        'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-        'JAX_PLATFORMS': 'cpu',
-        'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-        'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-        'TF_CPP_MIN_LOG_LEVEL': '2',
-        'PYTHONPATH': ROOT,
-    })
+    e.update(
+        {
+            'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+            'JAX_PLATFORMS': 'cpu',
+            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+            'TF_CPP_MIN_LOG_LEVEL': '2',
+            'PYTHONPATH': ROOT,
+        }
+    )
     return e
 
 
 def _cmd(workdir, *overrides):
-    return [sys.executable, os.path.join(ROOT, 'train.py'), '--config=' +
-            os.path.join(ROOT, 'configs', 'smoke.py'), f'--workdir={workdir}', *overrides]
+    return [
+        sys.executable,
+        os.path.join(ROOT, 'train.py'),
+        '--config=' + os.path.join(ROOT, 'configs', 'smoke.py'),
+        f'--workdir={workdir}',
+        *overrides,
+    ]
 
 
 def _train(env, workdir, *overrides, timeout=420):
-    p = subprocess.run(_cmd(workdir, *overrides), env=env, capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+    p = subprocess.run(
+        _cmd(workdir, *overrides),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, f'train.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}'
     return p
 
@@ -106,8 +119,10 @@ def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):
     assert 'training from step 4 to 8' in second.stderr
     # The resumed run loads the train step the uninterrupted run compiled from the persistent
     # compilation cache, and still ends bit-identical.
-    hits, requests = map(int, re.search(r'(\d+) of (\d+) programs loaded from the persistent',
-                                        second.stderr).groups())
+    hits, requests = map(
+        int,
+        re.search(r'(\d+) of (\d+) programs loaded from the persistent', second.stderr).groups(),
+    )
     assert 1 <= hits <= requests, second.stderr[-2000:]
     ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
@@ -131,7 +146,8 @@ def test_train_and_evaluate_in_process_equals_the_command_line_run(uninterrupted
     ref_dir = uninterrupted[0]
     for sub in ('checkpoints', 'best'):
         assert sorted(os.listdir(os.path.join(workdir, sub))) == sorted(
-            os.listdir(os.path.join(ref_dir, sub)))
+            os.listdir(os.path.join(ref_dir, sub))
+        )
     with open(os.path.join(workdir, 'config.json')) as f:
         derived = json.load(f)['derived']
     assert (derived['total_steps'], derived['normalization']) == (8, 'imagenet')
@@ -141,7 +157,8 @@ def test_train_and_evaluate_in_process_equals_the_command_line_run(uninterrupted
     # The command line printed the same final numbers.
     assert _final_line(uninterrupted[1].stdout) == (
         f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
-        f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step 8')
+        f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step 8'
+    )
 
 
 def _free_port():
@@ -160,10 +177,22 @@ def _start_two_processes(env, workdir, log_dir, *overrides):
     procs = []
     for i, (out_path, err_path) in enumerate(logs):
         with open(out_path, 'w') as out_f, open(err_path, 'w') as err_f:
-            procs.append(subprocess.Popen(
-                _cmd(workdir, *overrides, f'--coordinator_address=127.0.0.1:{port}',
-                     '--num_processes=2', f'--process_id={i}'),
-                env=e, cwd=ROOT, stdout=out_f, stderr=err_f, text=True))
+            procs.append(
+                subprocess.Popen(
+                    _cmd(
+                        workdir,
+                        *overrides,
+                        f'--coordinator_address=127.0.0.1:{port}',
+                        '--num_processes=2',
+                        f'--process_id={i}',
+                    ),
+                    env=e,
+                    cwd=ROOT,
+                    stdout=out_f,
+                    stderr=err_f,
+                    text=True,
+                )
+            )
     return procs, logs
 
 
@@ -185,7 +214,7 @@ def _first_error(err: str) -> str:
     lines = err.splitlines()
     marks = ('Traceback', 'Error', 'error', 'F0', 'E0', 'F1', 'E1', 'Fatal')
     start = next((i for i, line in enumerate(lines) if line.startswith(marks)), 0)
-    return '\n'.join(lines[max(0, start - 5):start + 60])
+    return '\n'.join(lines[max(0, start - 5) : start + 60])
 
 
 def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
@@ -206,14 +235,15 @@ def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
     assert os.path.exists(os.path.join(workdir, 'data_state', '8', 'process_1'))
     ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
     for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours[name])[0],
-                                jax.tree.leaves(ref[name])):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
-                                       err_msg=f'{name}{jax.tree_util.keystr(path)}')
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(ours[name])[0], jax.tree.leaves(ref[name])
+        ):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-5, err_msg=f'{name}{jax.tree_util.keystr(path)}'
+            )
 
 
-def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_cleanly(
-        env, tmp_path):
+def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_cleanly(env, tmp_path):
     """SIGTERM to process 1 only (one preempted worker): jax's preemption sync point stops both
     processes at the same step; they save it together and exit with status 0."""
     workdir = str(tmp_path / 'run')
@@ -221,8 +251,9 @@ def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_clean
     try:
         deadline = time.monotonic() + 420
         while 'step 2/400' not in logs[0][1].read_text():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                [_first_error(r.read_text()) for _, r in logs]
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                _first_error(r.read_text()) for _, r in logs
+            ]
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
         for p in procs:
@@ -234,12 +265,17 @@ def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_clean
     outs = [(o.read_text(), r.read_text()) for o, r in logs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f'process {i}: {out[-2000:]}\n{_first_error(err)}'
-    saved = [int(m.group(1)) for _, err in outs
-             for m in [re.search(r'preemption requested: saving at step (\d+)', err)] if m]
+    saved = [
+        int(m.group(1))
+        for _, err in outs
+        for m in [re.search(r'preemption requested: saving at step (\d+)', err)]
+        if m
+    ]
     assert len(saved) == 2 and saved[0] == saved[1], saved
     assert 2 <= saved[0] < 400
-    assert any(line.startswith(f'Preempted: saved at step {saved[0]};')
-               for line in outs[0][0].splitlines())
+    assert any(
+        line.startswith(f'Preempted: saved at step {saved[0]};') for line in outs[0][0].splitlines()
+    )
     steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
     assert max(steps) == saved[0]
     for i in range(2):
@@ -247,13 +283,22 @@ def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_clean
     assert int(_load(workdir, saved[0])['step']) == saved[0]
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.batchsize=16', 'batchsize'),
-    ('--config.batch_size=-4', 'config.batch_size must be a positive integer'),
-])
+@pytest.mark.parametrize(
+    'override,message',
+    [
+        ('--config.batchsize=16', 'batchsize'),
+        ('--config.batch_size=-4', 'config.batch_size must be a positive integer'),
+    ],
+)
 def test_bad_command_line_fails_before_compiling(env, tmp_path, override, message):
-    p = subprocess.run(_cmd(str(tmp_path), override), env=env, capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    p = subprocess.run(
+        _cmd(str(tmp_path), override),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert p.returncode != 0
     assert message in p.stderr
     assert 'first step' not in p.stderr
@@ -270,16 +315,19 @@ def _resolve(**changes):
     return resolve(c, device_count=8)
 
 
-@pytest.mark.parametrize('changes,message', [
-    ({'batch_size': -16}, 'config.batch_size must be a positive integer, got -16'),
-    ({'batch_size': 0}, 'config.batch_size must be a positive integer, got 0'),
-    ({'batch_size': 12}, 'not divisible by the 8 devices'),
-    ({'eval_batch_size': 20}, 'config.eval_batch_size=20 is not divisible by the 8 devices'),
-    ({'model.bn_group_size': 5}, 'bn_group_size=5 must be a positive divisor'),
-    ({'model.name': 'efficientnet-b9'}, "unknown EfficientNet variant 'efficientnet-b9'"),
-    ({'data.name': 'imagenet2012', 'data.data_dir': '/nonexistent/tfds'}, 'imagenet2012'),
-    ({'data.num_classes': 7, 'data.name': 'fake'}, None),
-])
+@pytest.mark.parametrize(
+    'changes,message',
+    [
+        ({'batch_size': -16}, 'config.batch_size must be a positive integer, got -16'),
+        ({'batch_size': 0}, 'config.batch_size must be a positive integer, got 0'),
+        ({'batch_size': 12}, 'not divisible by the 8 devices'),
+        ({'eval_batch_size': 20}, 'config.eval_batch_size=20 is not divisible by the 8 devices'),
+        ({'model.bn_group_size': 5}, 'bn_group_size=5 must be a positive divisor'),
+        ({'model.name': 'efficientnet-b9'}, "unknown EfficientNet variant 'efficientnet-b9'"),
+        ({'data.name': 'imagenet2012', 'data.data_dir': '/nonexistent/tfds'}, 'imagenet2012'),
+        ({'data.num_classes': 7, 'data.name': 'fake'}, None),
+    ],
+)
 def test_bad_configs_raise_clear_errors(changes, message):
     if message is None:  # the fake dataset takes its class count from the config: valid
         assert _resolve(**changes).num_classes == 7
@@ -297,9 +345,14 @@ def test_derived_values_follow_command_line_overrides():
     assert plan.micro_batch == 8 and plan.total_micro_steps == 2 * plan.total_steps
 
 
-@pytest.mark.parametrize('model,normalization,expected', [
-    ('efficientnet-b0', None, 'imagenet'), ('efficientnet-lite0', None, 'lite'),
-    ('efficientnet-lite0', 'advprop', 'advprop')])
+@pytest.mark.parametrize(
+    'model,normalization,expected',
+    [
+        ('efficientnet-b0', None, 'imagenet'),
+        ('efficientnet-lite0', None, 'lite'),
+        ('efficientnet-lite0', 'advprop', 'advprop'),
+    ],
+)
 def test_normalization_defaults_to_the_variants_own(model, normalization, expected):
     plan = _resolve(**{'model.name': model, 'data.normalization': normalization})
     assert plan.normalization == expected
@@ -309,8 +362,12 @@ def test_profiler_window_writes_a_trace_of_the_train_steps(env, tmp_path):
     workdir = str(tmp_path)
     p = _train(env, workdir, '--config.profile.start_step=2', '--config.profile.num_steps=2')
     assert 'step 8/8' in p.stderr
-    traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, 'profile'))
-              for f in files if f.endswith('.xplane.pb')]
+    traces = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(os.path.join(workdir, 'profile'))
+        for f in files
+        if f.endswith('.xplane.pb')
+    ]
     assert len(traces) == 1, traces
     with open(traces[0], 'rb') as f:
         assert b'train_step' in f.read()  # the window holds the jitted step's executions
@@ -322,8 +379,14 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
     workdir = str(tmp_path)
     # Many epochs, so the signal surely lands mid-run; the exponential schedule does not
     # depend on the run length, so the first 8 steps are those of the 8-step run.
-    p = subprocess.Popen(_cmd(workdir, '--config.num_epochs=100'), env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        _cmd(workdir, '--config.num_epochs=100'),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         err_lines = []
         for line in p.stderr:
@@ -344,13 +407,13 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
     second = _train(env, workdir, '--config.num_epochs=2')
     assert f'resumed from step {saved}' in second.stderr
     ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0],
-                            jax.tree.leaves(ref)):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
-        env, uninterrupted, tmp_path):
+    env, uninterrupted, tmp_path
+):
     """Resumed from step 8 with an absurd learning rate, the loss overflows; the run stops with
     an error naming the step, and the step-8 checkpoint is left as it was."""
     import shutil
@@ -359,14 +422,18 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     workdir = str(tmp_path / 'run')
     shutil.copytree(source, workdir)
     before = _load(workdir, 8)
-    p = subprocess.run(_cmd(workdir, '--config.total_steps=16',
-                            '--config.optim.base_learning_rate=1e30'),
-                       env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+    p = subprocess.run(
+        _cmd(workdir, '--config.total_steps=16', '--config.optim.base_learning_rate=1e30'),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=ROOT,
+    )
     assert p.returncode != 0
     assert 'non-finite loss' in p.stderr and 'at step ' in p.stderr, p.stderr[-3000:]
     assert 'is kept (step 8)' in p.stderr, p.stderr[-3000:]
-    steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
-                   if n.isdigit())
+    steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
     assert steps[-1] == 8
     after = _load(workdir, 8)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):

@@ -34,8 +34,9 @@ def _build(config, mesh, fsdp_min_size=None):
 
 
 def _batch(config, step=0):
-    it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
-                                              seed=0, start_step=step)
+    it = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=0, start_step=step
+    )
     return next(it)
 
 
@@ -51,8 +52,15 @@ def eight_device_run():
     _, model, state, shardings, step = _build(config, mesh)
     init_params = _host(state.params)
     state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
-    return dict(config=config, mesh=mesh, model=model, state=state, shardings=shardings,
-                init_params=init_params, metrics=_host(metrics))
+    return dict(
+        config=config,
+        mesh=mesh,
+        model=model,
+        state=state,
+        shardings=shardings,
+        init_params=init_params,
+        metrics=_host(metrics),
+    )
 
 
 def test_eight_devices_equal_one_device(eight_device_run):
@@ -65,10 +73,13 @@ def test_eight_devices_equal_one_device(eight_device_run):
     state1, metrics1 = step1(state1, sharding.global_batch(_batch(config), mesh1))
     s8, s1 = _host(r['state']), _host(state1)
     for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(getattr(s8, field))[0],
-                                jax.tree.leaves(getattr(s1, field))):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5,
-                                       err_msg=f'{field}{jax.tree_util.keystr(path)}')
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(getattr(s8, field))[0],
+            jax.tree.leaves(getattr(s1, field)),
+        ):
+            np.testing.assert_allclose(
+                a, b, atol=1e-5, rtol=1e-5, err_msg=f'{field}{jax.tree_util.keystr(path)}'
+            )
     np.testing.assert_allclose(r['metrics']['loss'], np.asarray(metrics1['loss']), rtol=1e-5)
     # The step did move the weights, the statistics and the EMA.
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), s8.params, r['init_params'])
@@ -80,15 +91,19 @@ def test_loss_stays_float32_under_bfloat16():
     config = _config(compute_dtype='bfloat16')
     run = run_lib.create_run(config, mesh=sharding.create_mesh(1))
     model, abstract = run.model, run.abstract_state
-    batch = {'image': jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.uint8),
-             'label': jax.ShapeDtypeStruct((16,), jnp.int32)}
+    batch = {
+        'image': jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.uint8),
+        'label': jax.ShapeDtypeStruct((16,), jnp.int32),
+    }
     new_state, metrics = jax.eval_shape(run.train_step, abstract, batch)
     assert metrics['loss'].dtype == jnp.float32
     assert metrics['total_loss'].dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
-    logits = jax.eval_shape(lambda v, x: model.apply(v, x), {'params': abstract.params,
-                            'batch_stats': abstract.batch_stats},
-                            jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.bfloat16))
+    logits = jax.eval_shape(
+        lambda v, x: model.apply(v, x),
+        {'params': abstract.params, 'batch_stats': abstract.batch_stats},
+        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.bfloat16),
+    )
     assert logits.dtype == jnp.float32
 
 
@@ -97,8 +112,10 @@ def test_eval_counts_every_example_once_on_eight_devices(eight_device_run):
     config = r['config']
     config.data.fake_num_eval = 37  # 3 batches of 16, the last one 5 real + 11 padding
     eval_step = make_eval_step(r['model'], mesh=r['mesh'], state_shardings=r['shardings'])
-    outs = [eval_step(r['state'], sharding.global_batch(b, r['mesh']))
-            for b in input_pipeline.create_eval_iterator(config.data, global_batch_size=16)]
+    outs = [
+        eval_step(r['state'], sharding.global_batch(b, r['mesh']))
+        for b in input_pipeline.create_eval_iterator(config.data, global_batch_size=16)
+    ]
     raw = {k: sum(int(o['raw'][k]) for o in outs) for k in ('count', 'top1', 'top5')}
     assert raw['count'] == 37
     assert int(sum(int(o['ema']['count']) for o in outs)) == 37
@@ -107,13 +124,17 @@ def test_eval_counts_every_example_once_on_eight_devices(eight_device_run):
     for b in input_pipeline.create_eval_iterator(config.data, global_batch_size=16):
         imgs.append(b['image'][b['mask']])
         labels.append(b['label'][b['mask']])
-    x = (np.concatenate(imgs).astype(np.float32) - np.array([123.675, 116.28, 103.53])) / \
-        np.array([58.395, 57.12, 57.375])
+    x = (np.concatenate(imgs).astype(np.float32) - np.array([123.675, 116.28, 103.53])) / np.array(
+        [58.395, 57.12, 57.375]
+    )
     s = _host(r['state'])
-    logits = r['model'].apply({'params': s.params, 'batch_stats': s.batch_stats},
-                              jnp.asarray(x, jnp.float32))
-    ranks = (np.asarray(logits) > np.take_along_axis(
-        np.asarray(logits), np.concatenate(labels)[:, None], 1)).sum(1)
+    logits = r['model'].apply(
+        {'params': s.params, 'batch_stats': s.batch_stats}, jnp.asarray(x, jnp.float32)
+    )
+    ranks = (
+        np.asarray(logits)
+        > np.take_along_axis(np.asarray(logits), np.concatenate(labels)[:, None], 1)
+    ).sum(1)
     assert raw['top1'] == int((ranks < 1).sum()) and raw['top5'] == int((ranks < 5).sum())
 
 
@@ -153,14 +174,19 @@ def test_cpu_init_compiler_options_are_applied_and_keep_values_bit_identical(mon
     mesh1 = sharding.create_mesh(1, devices=jax.devices()[:1])
     assert compilation.init_compiler_options(mesh1) == {'xla_backend_optimization_level': 1}
     runs = {}
-    for name, options in (('default', None), ('level1', {'xla_backend_optimization_level': 1}),
-                          ('level0', {'xla_backend_optimization_level': 0})):
+    for name, options in (
+        ('default', None),
+        ('level1', {'xla_backend_optimization_level': 1}),
+        ('level0', {'xla_backend_optimization_level': 0}),
+    ):
         monkeypatch.setattr(compilation, 'init_compiler_options', lambda mesh, o=options: o)
         runs[name] = _host(_build(config, mesh1)[2])
     for got, want in zip(jax.tree.leaves(runs['level1']), jax.tree.leaves(runs['default'])):
         np.testing.assert_array_equal(got, want)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(runs['level0']),
-                                                        jax.tree.leaves(runs['default'])))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(runs['level0']), jax.tree.leaves(runs['default']))
+    )
 
 
 def test_compilation_cache_directory_errors_are_clear(tmp_path):
@@ -185,8 +211,11 @@ def test_fsdp_step_equals_data_parallel_step(eight_device_run):
     state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
     ours, ref = _host(state), _host(r['state'])
     for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
-                                jax.tree.leaves(getattr(ref, field))):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5,
-                                       err_msg=f'{field}{jax.tree_util.keystr(path)}')
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
+            jax.tree.leaves(getattr(ref, field)),
+        ):
+            np.testing.assert_allclose(
+                a, b, atol=1e-5, rtol=1e-5, err_msg=f'{field}{jax.tree_util.keystr(path)}'
+            )
     np.testing.assert_allclose(np.asarray(metrics['loss']), r['metrics']['loss'], rtol=1e-5)

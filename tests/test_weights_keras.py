@@ -31,8 +31,9 @@ def keras_oracle(variant: str, resolution: int, seed: int, **kwargs) -> keras.Mo
     # relative differences up to 0.6 in one CI run); every seeded draw is the same network.
     keras.utils.set_random_seed(seed)
     cls = getattr(keras.applications, 'EfficientNet' + variant.upper())
-    model = cls(weights=None, input_shape=(resolution, resolution, 3),
-                classifier_activation=None, **kwargs)
+    model = cls(
+        weights=None, input_shape=(resolution, resolution, 3), classifier_activation=None, **kwargs
+    )
     randomise(model, seed)
     return model
 
@@ -43,8 +44,14 @@ def randomise(model: keras.Model, seed: int) -> None:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
-                               rng.normal(0.0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.use_bias:
             kernel, bias = layer.get_weights()
             layer.set_weights([kernel, rng.normal(0.0, 0.1, bias.shape)])
@@ -92,8 +99,7 @@ def b0_224():
     """B0 at its native 224 px with a non-trivial Normalization layer (as if adapted), so the
     normalisation has to be read from the layer rather than assumed."""
     model = keras_oracle('b0', 224, seed=100)
-    norm = next(layer for layer in model.layers
-                if isinstance(layer, keras.layers.Normalization))
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
     norm.set_weights([np.array([0.4, 0.5, 0.6]), np.array([0.04, 0.09, 0.0625]), np.array(7)])
     norm.finalize_state()  # the layer applies the tensors finalize_state derives
     return model
@@ -105,8 +111,7 @@ def test_logits_match_keras_b0_at_224_with_adapted_normalization(b0_224):
     np.testing.assert_allclose(std, [0.2 * 255, 0.3 * 255, 0.25 * 255], rtol=1e-6)
     images = random_images(224, seed=101)
     reference = b0_224(images, training=False).numpy()
-    ours = our_logits('b0', from_keras(b0_224, 'b0'), images, b0_224,
-                      depthwise_impl='auto')
+    ours = our_logits('b0', from_keras(b0_224, 'b0'), images, b0_224, depthwise_impl='auto')
     diff = relative_difference(ours, reference)
     print(f'keras b0 @ 224px: max relative logit difference {diff:.2e}')
     assert diff < TOLERANCE
@@ -158,15 +163,18 @@ def test_skip_head_matches_keras_pooled_features(b0_224):
 
 def test_mismatches_are_errors(b0_224):
     # B1 repeats stage 1 twice: block1b_* and the extra blocks of later stages are absent.
-    with pytest.raises(WeightsMismatchError,
-                       match=r'128 missing: blocks_1/dw_bn/bias \(needs block1b_bn/beta\)'):
+    with pytest.raises(
+        WeightsMismatchError, match=r'128 missing: blocks_1/dw_bn/bias \(needs block1b_bn/beta\)'
+    ):
         from_keras(b0_224, 'b1')
-    with pytest.raises(WeightsMismatchError, match=r'classifier/kernel expects 1280x10.*'
-                                                   r'num_classes'):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r'classifier/kernel expects 1280x10.*'
+        r'num_classes',
+    ):
         from_keras(b0_224, 'b0', num_classes=10)
     from_keras(b0_224, 'b0', num_classes=1000)  # the matching count is fine
     with pytest.raises(ValueError, match='keras.applications has no efficientnet-lite0'):
         from_keras(__file__, 'lite0')
     with pytest.raises(FileNotFoundError, match='not found'):
         from_keras('/nonexistent/b0.weights.h5', 'b0')
-

@@ -24,17 +24,36 @@ TOLERANCE = 1e-4  # max |ours - keras| / max |keras|
 
 # Keras layer -> official scope. Inside a block tf.layers numbers conv2d and
 # tpu_batch_normalization in call order, so blocks without an expand conv shift by one.
-_TOP = {'stem_conv': 'stem/conv2d', 'stem_bn': 'stem/{bn}', 'top_conv': 'head/conv2d',
-        'top_bn': 'head/{bn}', 'predictions': 'head/dense'}
-_EXPANDED = {'expand_conv': 'conv2d', 'expand_bn': '{bn}', 'dwconv': 'depthwise_conv2d',
-             'bn': '{bn}_1', 'se_reduce': 'se/conv2d', 'se_expand': 'se/conv2d_1',
-             'project_conv': 'conv2d_1', 'project_bn': '{bn}_2'}
-_NOT_EXPANDED = {'dwconv': 'depthwise_conv2d', 'bn': '{bn}', 'se_reduce': 'se/conv2d',
-                 'se_expand': 'se/conv2d_1', 'project_conv': 'conv2d', 'project_bn': '{bn}_1'}
+_TOP = {
+    'stem_conv': 'stem/conv2d',
+    'stem_bn': 'stem/{bn}',
+    'top_conv': 'head/conv2d',
+    'top_bn': 'head/{bn}',
+    'predictions': 'head/dense',
+}
+_EXPANDED = {
+    'expand_conv': 'conv2d',
+    'expand_bn': '{bn}',
+    'dwconv': 'depthwise_conv2d',
+    'bn': '{bn}_1',
+    'se_reduce': 'se/conv2d',
+    'se_expand': 'se/conv2d_1',
+    'project_conv': 'conv2d_1',
+    'project_bn': '{bn}_2',
+}
+_NOT_EXPANDED = {
+    'dwconv': 'depthwise_conv2d',
+    'bn': '{bn}',
+    'se_reduce': 'se/conv2d',
+    'se_expand': 'se/conv2d_1',
+    'project_conv': 'conv2d',
+    'project_bn': '{bn}_1',
+}
 
 
-def official_tensors(model: keras.Model, bn: str = 'tpu_batch_normalization'
-                     ) -> dict[str, np.ndarray]:
+def official_tensors(
+    model: keras.Model, bn: str = 'tpu_batch_normalization'
+) -> dict[str, np.ndarray]:
     """The Keras model's weights under the official names (without the scope)."""
     names = {layer.name for layer in model.layers}
     blocks, out = [], {}
@@ -59,8 +78,10 @@ def write_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> str:
     """Saves ``tensors`` under exactly these names with a graph-mode tf.compat.v1 Saver."""
     graph = tf.Graph()
     with graph.as_default():
-        variables = {name: tf.compat.v1.Variable(value, name=f'v{i}')
-                     for i, (name, value) in enumerate(tensors.items())}
+        variables = {
+            name: tf.compat.v1.Variable(value, name=f'v{i}')
+            for i, (name, value) in enumerate(tensors.items())
+        }
         saver = tf.compat.v1.train.Saver(var_list=variables)
         with tf.compat.v1.Session(graph=graph) as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
@@ -69,8 +90,9 @@ def write_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> str:
 
 def keras_oracle() -> keras.Model:
     keras.utils.set_random_seed(7)  # the same conv kernels every run (Keras draws them)
-    model = keras.applications.EfficientNetB0(weights=None, input_shape=(RES, RES, 3),
-                                              classifier_activation=None)
+    model = keras.applications.EfficientNetB0(
+        weights=None, input_shape=(RES, RES, 3), classifier_activation=None
+    )
     randomise(model, 7)  # non-trivial BatchNorm statistics and biases
     return model
 
@@ -131,19 +153,22 @@ def test_use_ema_false_takes_the_raw_variables(oracle, ema_checkpoint):
     _, images, reference = oracle
     prefix, tensors = ema_checkpoint
     variables = from_tf_checkpoint(prefix, 'b0', use_ema=False)
-    np.testing.assert_array_equal(variables['params']['stem_conv']['kernel'],
-                                  tensors[f'{SCOPE}/stem/conv2d/kernel'])
-    np.testing.assert_array_equal(variables['batch_stats']['blocks_1']['dw_bn']['var'],
-                                  tensors[f'{SCOPE}/blocks_1/tpu_batch_normalization_1/'
-                                          'moving_variance'])
+    np.testing.assert_array_equal(
+        variables['params']['stem_conv']['kernel'], tensors[f'{SCOPE}/stem/conv2d/kernel']
+    )
+    np.testing.assert_array_equal(
+        variables['batch_stats']['blocks_1']['dw_bn']['var'],
+        tensors[f'{SCOPE}/blocks_1/tpu_batch_normalization_1/moving_variance'],
+    )
     assert relative_difference(logits(variables, images), reference) > 1e-2
 
 
 def test_plain_batch_normalization_names_without_ema(oracle, tmp_path):
     """Checkpoints trained off-TPU name BatchNorm 'batch_normalization' and may lack EMA."""
     model, images, reference = oracle
-    tensors = {f'{SCOPE}/{k}': v for k, v in
-               official_tensors(model, bn='batch_normalization').items()}
+    tensors = {
+        f'{SCOPE}/{k}': v for k, v in official_tensors(model, bn='batch_normalization').items()
+    }
     prefix = write_checkpoint(str(tmp_path / 'model.ckpt'), tensors)
     variables = from_tf_checkpoint(prefix, 'b0')
     assert relative_difference(logits(variables, images), reference) < TOLERANCE
@@ -151,7 +176,7 @@ def test_plain_batch_normalization_names_without_ema(oracle, tmp_path):
 
 def test_mismatches_are_errors(oracle, ema_checkpoint, tmp_path):
     prefix, _ = ema_checkpoint
-    with pytest.raises(ValueError, match="holds efficientnet-b0 .*not efficientnet-b1"):
+    with pytest.raises(ValueError, match='holds efficientnet-b0 .*not efficientnet-b1'):
         from_tf_checkpoint(prefix, 'b1')
     with pytest.raises(WeightsMismatchError, match='classifier/kernel expects 1280x10'):
         from_tf_checkpoint(prefix, 'b0', num_classes=10)
@@ -165,15 +190,18 @@ def test_mismatches_are_errors(oracle, ema_checkpoint, tmp_path):
     with pytest.raises(WeightsMismatchError) as error:
         from_tf_checkpoint(bad, 'b0')
     message = str(error.value)
-    assert ('1 missing: blocks_0/project_bn/mean '
-            '(needs blocks_0/tpu_batch_normalization_1/moving_mean)') in message
+    assert (
+        '1 missing: blocks_0/project_bn/mean (needs blocks_0/tpu_batch_normalization_1/moving_mean)'
+    ) in message
     assert '1 unexpected: blocks_0/conv2d_2/kernel' in message
-    assert ('1 shape mismatches: blocks_5/se/reduce/bias expects 10 but '
-            'blocks_5/se/conv2d/bias gives 7') in message
+    assert (
+        '1 shape mismatches: blocks_5/se/reduce/bias expects 10 but blocks_5/se/conv2d/bias gives 7'
+    ) in message
 
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
         from_tf_checkpoint(str(tmp_path / 'absent.ckpt'), 'b0')
-    no_model = write_checkpoint(str(tmp_path / 'other.ckpt'),
-                                {'resnet/conv1/kernel': np.zeros((3, 3, 3, 8), np.float32)})
+    no_model = write_checkpoint(
+        str(tmp_path / 'other.ckpt'), {'resnet/conv1/kernel': np.zeros((3, 3, 3, 8), np.float32)}
+    )
     with pytest.raises(ValueError, match='expected one EfficientNet scope'):
         from_tf_checkpoint(no_model, 'b0')

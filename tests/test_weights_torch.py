@@ -26,8 +26,21 @@ from efficientnet.weights import (
 )
 from efficientnet.weights.__main__ import main as cli_main
 
-RESOLUTIONS = {'b0': 64, 'b1': 65, 'b2': 64, 'b3': 67, 'b4': 64, 'b5': 64, 'b6': 65, 'b7': 64,
-               'lite0': 64, 'lite1': 65, 'lite2': 64, 'lite3': 67, 'lite4': 64}
+RESOLUTIONS = {
+    'b0': 64,
+    'b1': 65,
+    'b2': 64,
+    'b3': 67,
+    'b4': 64,
+    'b5': 64,
+    'b6': 65,
+    'b7': 64,
+    'lite0': 64,
+    'lite1': 65,
+    'lite2': 64,
+    'lite3': 67,
+    'lite4': 64,
+}
 TOLERANCE = 1e-4  # max |ours - torch| / max |torch|
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,25 +142,31 @@ def test_mismatches_name_the_offenders(b0):
     state = dict(b0.state_dict())
     missing = dict(state)
     del missing['_blocks.3._bn1.running_var']
-    with pytest.raises(WeightsMismatchError,
-                       match=r'1 missing: blocks_3/dw_bn/var \(needs _blocks.3._bn1.running_var\)'):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r'1 missing: blocks_3/dw_bn/var \(needs _blocks.3._bn1.running_var\)',
+    ):
         from_torch(missing, 'b0')
     extra = dict(state, **{'_blocks.3._extra.weight': torch.zeros(3)})
     with pytest.raises(WeightsMismatchError, match=r'1 unexpected: _blocks.3._extra.weight$'):
         from_torch(extra, 'b0')
     misshapen = dict(state, **{'_blocks.2._se_reduce.bias': torch.zeros(5)})
-    with pytest.raises(WeightsMismatchError,
-                       match=r'1 shape mismatches: blocks_2/se/reduce/bias expects 6 but '
-                             r'_blocks.2._se_reduce.bias gives 5'):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r'1 shape mismatches: blocks_2/se/reduce/bias expects 6 but '
+        r'_blocks.2._se_reduce.bias gives 5',
+    ):
         from_torch(misshapen, 'b0')
     with pytest.raises(WeightsMismatchError, match='classifier/kernel expects 1280x10'):
         from_torch(state, 'b0', num_classes=10)
     # B0 weights as B1: B1 has seven more blocks and a different block 1.
-    with pytest.raises(WeightsMismatchError,
-                       match=r'as efficientnet-b1: 133 missing: blocks_16/.*'
-                             r'5 unexpected: _blocks.1._bn0.bias, .*'
-                             r'262 shape mismatches: blocks_1/dw_bn/bias expects 16 but '
-                             r'_blocks.1._bn1.bias gives 96'):
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r'as efficientnet-b1: 133 missing: blocks_16/.*'
+        r'5 unexpected: _blocks.1._bn0.bias, .*'
+        r'262 shape mismatches: blocks_1/dw_bn/bias expects 16 but '
+        r'_blocks.1._bn1.bias gives 96',
+    ):
         from_torch(state, 'b1')
     with pytest.raises(ValueError, match='unknown EfficientNet variant'):
         from_torch(state, 'b9')
@@ -182,10 +201,23 @@ def test_command_line(b0, tmp_path, capsys):
     torch.save(b0.state_dict(), source)
     output = tmp_path / 'b0.msgpack'
     result = subprocess.run(
-        [sys.executable, '-m', 'efficientnet.weights', '--source', 'torch', '--model', 'b0',
-         str(source), str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+        [
+            sys.executable,
+            '-m',
+            'efficientnet.weights',
+            '--source',
+            'torch',
+            '--model',
+            'b0',
+            str(source),
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    )
     assert result.returncode == 0, result.stderr
     tensors = sum(not k.endswith('num_batches_tracked') for k in b0.state_dict())
     assert f'converted {tensors} tensors' in result.stdout
@@ -197,14 +229,29 @@ def test_command_line(b0, tmp_path, capsys):
     assert relative_difference(ours, torch_logits(b0, images)) < TOLERANCE
 
     # Error paths, in-process: a clear message on stderr and exit status 1.
-    assert cli_main(['--source', 'torch', '--model', 'b0', str(tmp_path / 'nope.pth'),
-                     str(tmp_path / 'x.msgpack')]) == 1
+    assert (
+        cli_main(
+            [
+                '--source',
+                'torch',
+                '--model',
+                'b0',
+                str(tmp_path / 'nope.pth'),
+                str(tmp_path / 'x.msgpack'),
+            ]
+        )
+        == 1
+    )
     assert 'input not found' in capsys.readouterr().err
-    assert cli_main(['--source', 'torch', '--model', 'b2', str(source),
-                     str(tmp_path / 'x.msgpack')]) == 1
+    assert (
+        cli_main(['--source', 'torch', '--model', 'b2', str(source), str(tmp_path / 'x.msgpack')])
+        == 1
+    )
     err = capsys.readouterr().err
     assert 'do not fit as efficientnet-b2' in err and 'shape mismatches' in err
-    assert cli_main(['--source', 'torch', '--model', 'b99', str(source),
-                     str(tmp_path / 'x.msgpack')]) == 1
+    assert (
+        cli_main(['--source', 'torch', '--model', 'b99', str(source), str(tmp_path / 'x.msgpack')])
+        == 1
+    )
     assert 'unknown EfficientNet variant' in capsys.readouterr().err
     assert not (tmp_path / 'x.msgpack').exists()

@@ -69,5 +69,8 @@ def describe() -> str:
         return f'tcmalloc (set {ENV_SWITCH}=0 for the system allocator)'
     if not enabled():
         return f'system ({ENV_SWITCH}=0)'
-    return ('system (install libtcmalloc-minimal4, e.g. with `make setup`, for ~35% faster '
-            'CPU steps)' if find_tcmalloc() is None else 'system')
+    return (
+        'system (install libtcmalloc-minimal4, e.g. with `make setup`, for ~35% faster CPU steps)'
+        if find_tcmalloc() is None
+        else 'system'
+    )

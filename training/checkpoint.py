@@ -29,27 +29,35 @@ from training.state import TrainState
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class Checkpointer:
     """The run's checkpoints. Every process must call save/restore (orbax coordinates them)."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
-                 async_save: bool = True):
+    def __init__(
+        self, workdir: str, *, keep: int = 3, keep_best: bool = True, async_save: bool = True
+    ):
         self.workdir = os.path.abspath(workdir)
         opts = dict(enable_async_checkpointing=async_save, create=True)
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, train_state.LATEST_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
+        )
         self.best = None
         if keep_best:
             self.best = ocp.CheckpointManager(
                 os.path.join(self.workdir, train_state.BEST_DIR),
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1, best_fn=lambda m: m['top1'], best_mode='max',
-                    keep_checkpoints_without_metrics=False, **opts))
+                    max_to_keep=1,
+                    best_fn=lambda m: m['top1'],
+                    best_mode='max',
+                    keep_checkpoints_without_metrics=False,
+                    **opts,
+                ),
+            )
         self.data_dir = os.path.join(self.workdir, 'data_state')
 
     # -- saving ---------------------------------------------------------------------------
@@ -64,8 +72,9 @@ class Checkpointer:
             self.best.wait_until_finished()
         if data_state is not None:
             self._write_data_state(step, data_state)
-        self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                         force=True)
+        self.latest.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True
+        )
         self._prune_data_states()
 
     def save_best(self, step: int, state: TrainState, top1: float) -> None:
@@ -73,8 +82,12 @@ class Checkpointer:
         if self.best is None or step in self.best.all_steps():
             return
         self.latest.wait_until_finished()  # see save(): never two managers in flight
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                       metrics={'top1': float(top1)}, force=True)
+        self.best.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            metrics={'top1': float(top1)},
+            force=True,
+        )
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -115,8 +128,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def restore(self, abstract_state: TrainState, shardings: Any, step: int | None = None
-                ) -> tuple[TrainState, bytes | None] | None:
+    def restore(
+        self, abstract_state: TrainState, shardings: Any, step: int | None = None
+    ) -> tuple[TrainState, bytes | None] | None:
         """Restores the latest (or given) step into ``shardings``, which may describe a
         different mesh than the one that saved it. Returns (state, data_state) or None."""
         step = self.latest.latest_step() if step is None else step
@@ -124,7 +138,8 @@ class Checkpointer:
             return None
         target = _abstract(abstract_state, shardings)
         restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
         data_state = None
         path = self._data_path(step)
         if os.path.exists(path):
@@ -144,8 +159,10 @@ def load_pretrained(path: str) -> dict[str, Any]:
         return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     step_dir = train_state.find_step_dir(path, (train_state.LATEST_DIR, ''))
     if step_dir is None:
-        raise FileNotFoundError(f'init_from={path!r}: neither a weights file nor a checkpoint '
-                                f'(no {train_state.STATE_ITEM} directory under {path})')
+        raise FileNotFoundError(
+            f'init_from={path!r}: neither a weights file nor a checkpoint '
+            f'(no {train_state.STATE_ITEM} directory under {path})'
+        )
     return train_state.read_variables(step_dir, use_ema=True)
 
 
@@ -153,8 +170,9 @@ def merge_pretrained(init_tree: Any, pretrained: Any) -> tuple[Any, list[str]]:
     """Takes every pretrained leaf whose path and shape match ``init_tree`` (global jax.Arrays)
     and places it with the same sharding; keeps the fresh initialisation elsewhere (the head when
     the class count differs). Returns the merged tree and the re-initialised paths."""
-    flat_pre = {jax.tree_util.keystr(p): v
-                for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    flat_pre = {
+        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]
+    }
     fresh: list[str] = []
 
     def pick(path, x):

@@ -66,10 +66,13 @@ def enable_persistent_cache(path: str | None = 'auto') -> str | None:
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise ValueError(f'compilation cache directory {path!r} cannot be created ({e}); '
-                             "set config.compilation_cache_dir to a writable directory or to "
-                             "'' to turn the cache off") from None
+            raise ValueError(
+                f'compilation cache directory {path!r} cannot be created ({e}); '
+                'set config.compilation_cache_dir to a writable directory or to '
+                "'' to turn the cache off"
+            ) from None
     from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update('jax_compilation_cache_dir', path or None)
     compilation_cache.reset_cache()  # in case something compiled before this call
     logging.info('persistent compilation cache: %s', path or 'off')

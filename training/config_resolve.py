@@ -61,8 +61,10 @@ def _load_dataset_info(data_config: Any) -> dict[str, int]:
     try:
         import input_pipeline  # lazy: pulls in TensorFlow
     except ImportError as e:
-        raise ConfigError(f'config.data.name={data_config.name!r} needs the input_pipeline '
-                          f'package, which failed to import: {e}') from e
+        raise ConfigError(
+            f'config.data.name={data_config.name!r} needs the input_pipeline '
+            f'package, which failed to import: {e}'
+        ) from e
     return input_pipeline.dataset_info(data_config)
 
 
@@ -75,8 +77,13 @@ def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
-def resolve(config: Any, *, device_count: int, process_count: int = 1,
-            dataset_info_fn: Callable[[Any], dict] | None = None) -> RunPlan:
+def resolve(
+    config: Any,
+    *,
+    device_count: int,
+    process_count: int = 1,
+    dataset_info_fn: Callable[[Any], dict] | None = None,
+) -> RunPlan:
     """Validates ``config`` and derives the run plan; raises ConfigError listing every problem."""
     errors: list[str] = []
     c, o, m = config, config.optim, config.model
@@ -87,63 +94,117 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
     for key in ('width', 'depth'):
         v = c.model[key]
         _check(errors, v is None or v > 0, f'config.model.{key} must be positive, got {v}')
-    _check(errors, c.model.compute_dtype in COMPUTE_DTYPES,
-           f'config.model.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, '
-           f'got {c.model.compute_dtype!r}')
-    _check(errors, m.depthwise_impl in DEPTHWISE_IMPLS,
-           f'config.model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, '
-           f'got {m.depthwise_impl!r}')
-    _check(errors, c.data.normalization is None or c.data.normalization in NORMALIZATIONS,
-           f'config.data.normalization must be one of {sorted(NORMALIZATIONS)}, '
-           f'got {c.data.normalization!r}')
-    _check(errors, _positive_int(c.batch_size),
-           f'config.batch_size must be a positive integer, got {c.batch_size!r}')
+    _check(
+        errors,
+        c.model.compute_dtype in COMPUTE_DTYPES,
+        f'config.model.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, '
+        f'got {c.model.compute_dtype!r}',
+    )
+    _check(
+        errors,
+        m.depthwise_impl in DEPTHWISE_IMPLS,
+        f'config.model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {m.depthwise_impl!r}',
+    )
+    _check(
+        errors,
+        c.data.normalization is None or c.data.normalization in NORMALIZATIONS,
+        f'config.data.normalization must be one of {sorted(NORMALIZATIONS)}, '
+        f'got {c.data.normalization!r}',
+    )
+    _check(
+        errors,
+        _positive_int(c.batch_size),
+        f'config.batch_size must be a positive integer, got {c.batch_size!r}',
+    )
     accum = o.grad_accum_steps
-    _check(errors, _positive_int(accum),
-           f'config.optim.grad_accum_steps must be a positive integer, got {accum!r}')
+    _check(
+        errors,
+        _positive_int(accum),
+        f'config.optim.grad_accum_steps must be a positive integer, got {accum!r}',
+    )
     eval_batch = c.eval_batch_size if c.eval_batch_size is not None else c.batch_size
-    _check(errors, _positive_int(eval_batch),
-           f'config.eval_batch_size must be a positive integer, got {eval_batch!r}')
-    _check(errors, _positive_int(c.mesh.fsdp) and device_count % c.mesh.fsdp == 0,
-           f'config.mesh.fsdp={c.mesh.fsdp} must divide the {device_count} devices')
-    _check(errors, o.name in ('rmsprop', 'momentum', 'adamw'),
-           f'config.optim.name must be rmsprop, momentum or adamw, got {o.name!r}')
-    _check(errors, o.schedule in ('exponential', 'cosine', 'constant'),
-           f'config.optim.schedule must be exponential, cosine or constant, got {o.schedule!r}')
-    _check(errors, o.weight_decay_mode in ('l2', 'decoupled'),
-           f'config.optim.weight_decay_mode must be l2 or decoupled, got {o.weight_decay_mode!r}')
-    _check(errors, 0.0 <= c.label_smoothing < 1.0,
-           f'config.label_smoothing must be in [0, 1), got {c.label_smoothing}')
-    _check(errors, 0.0 <= c.ema_decay < 1.0,
-           f'config.ema_decay must be in [0, 1), got {c.ema_decay}')
-    _check(errors, c.total_steps is not None or c.num_epochs > 0,
-           f'config.num_epochs must be positive, got {c.num_epochs}')
-    _check(errors, c.total_steps is None or _positive_int(c.total_steps),
-           f'config.total_steps must be a positive integer or None, got {c.total_steps!r}')
-    _check(errors, _positive_int(c.checkpoint.every_steps),
-           f'config.checkpoint.every_steps must be positive, got {c.checkpoint.every_steps!r}')
+    _check(
+        errors,
+        _positive_int(eval_batch),
+        f'config.eval_batch_size must be a positive integer, got {eval_batch!r}',
+    )
+    _check(
+        errors,
+        _positive_int(c.mesh.fsdp) and device_count % c.mesh.fsdp == 0,
+        f'config.mesh.fsdp={c.mesh.fsdp} must divide the {device_count} devices',
+    )
+    _check(
+        errors,
+        o.name in ('rmsprop', 'momentum', 'adamw'),
+        f'config.optim.name must be rmsprop, momentum or adamw, got {o.name!r}',
+    )
+    _check(
+        errors,
+        o.schedule in ('exponential', 'cosine', 'constant'),
+        f'config.optim.schedule must be exponential, cosine or constant, got {o.schedule!r}',
+    )
+    _check(
+        errors,
+        o.weight_decay_mode in ('l2', 'decoupled'),
+        f'config.optim.weight_decay_mode must be l2 or decoupled, got {o.weight_decay_mode!r}',
+    )
+    _check(
+        errors,
+        0.0 <= c.label_smoothing < 1.0,
+        f'config.label_smoothing must be in [0, 1), got {c.label_smoothing}',
+    )
+    _check(
+        errors, 0.0 <= c.ema_decay < 1.0, f'config.ema_decay must be in [0, 1), got {c.ema_decay}'
+    )
+    _check(
+        errors,
+        c.total_steps is not None or c.num_epochs > 0,
+        f'config.num_epochs must be positive, got {c.num_epochs}',
+    )
+    _check(
+        errors,
+        c.total_steps is None or _positive_int(c.total_steps),
+        f'config.total_steps must be a positive integer or None, got {c.total_steps!r}',
+    )
+    _check(
+        errors,
+        _positive_int(c.checkpoint.every_steps),
+        f'config.checkpoint.every_steps must be positive, got {c.checkpoint.every_steps!r}',
+    )
 
     micro = 0
     if _positive_int(c.batch_size) and _positive_int(accum):
         if c.batch_size % accum:
-            errors.append(f'config.batch_size={c.batch_size} is not divisible by '
-                          f'config.optim.grad_accum_steps={accum}')
+            errors.append(
+                f'config.batch_size={c.batch_size} is not divisible by '
+                f'config.optim.grad_accum_steps={accum}'
+            )
         else:
             micro = c.batch_size // accum
-            _check(errors, micro % device_count == 0,
-                   f'the batch per step ({micro} = config.batch_size {c.batch_size} / '
-                   f'grad_accum_steps {accum}) is not divisible by the {device_count} devices')
-            _check(errors, micro % process_count == 0,
-                   f'the batch per step ({micro}) is not divisible by the {process_count} '
-                   'processes')
+            _check(
+                errors,
+                micro % device_count == 0,
+                f'the batch per step ({micro} = config.batch_size {c.batch_size} / '
+                f'grad_accum_steps {accum}) is not divisible by the {device_count} devices',
+            )
+            _check(
+                errors,
+                micro % process_count == 0,
+                f'the batch per step ({micro}) is not divisible by the {process_count} processes',
+            )
             g = c.model.bn_group_size
-            _check(errors, g is None or (_positive_int(g) and micro % g == 0),
-                   f'config.model.bn_group_size={g} must be a positive divisor of the batch per '
-                   f'step ({micro})')
+            _check(
+                errors,
+                g is None or (_positive_int(g) and micro % g == 0),
+                f'config.model.bn_group_size={g} must be a positive divisor of the batch per '
+                f'step ({micro})',
+            )
     if _positive_int(eval_batch):
-        _check(errors, eval_batch % device_count == 0,
-               f'config.eval_batch_size={eval_batch} is not divisible by the {device_count} '
-               'devices')
+        _check(
+            errors,
+            eval_batch % device_count == 0,
+            f'config.eval_batch_size={eval_batch} is not divisible by the {device_count} devices',
+        )
 
     info = None
     if not errors:  # the dataset lookup may be slow; only when the rest is sound
@@ -153,24 +214,36 @@ def resolve(config: Any, *, device_count: int, process_count: int = 1,
             errors.append(str(e))
         except Exception as e:  # noqa: BLE001 - any failure to find the data is a config error
             where = c.data.data_dir or c.data.folder or 'the default data dir'
-            errors.append(f'dataset {c.data.name!r} is not available (looked in {where}): '
-                          f'{type(e).__name__}: {e}')
+            errors.append(
+                f'dataset {c.data.name!r} is not available (looked in {where}): '
+                f'{type(e).__name__}: {e}'
+            )
         if c.data.num_classes is None and c.data.name == 'fake':
             errors.append("config.data.num_classes must be set for the 'fake' dataset")
-        elif (info is not None and c.data.num_classes is not None
-              and info['num_classes'] != c.data.num_classes):
-            errors.append(f'config.data.num_classes={c.data.num_classes} but dataset '
-                          f'{c.data.name!r} has {info["num_classes"]} classes')
+        elif (
+            info is not None
+            and c.data.num_classes is not None
+            and info['num_classes'] != c.data.num_classes
+        ):
+            errors.append(
+                f'config.data.num_classes={c.data.num_classes} but dataset '
+                f'{c.data.name!r} has {info["num_classes"]} classes'
+            )
         if info is not None and info['num_train'] < c.batch_size:
-            errors.append(f'dataset {c.data.name!r} has {info["num_train"]} training examples, '
-                          f'fewer than one batch of {c.batch_size}')
+            errors.append(
+                f'dataset {c.data.name!r} has {info["num_train"]} training examples, '
+                f'fewer than one batch of {c.batch_size}'
+            )
     if errors:
         raise ConfigError('invalid config:\n  - ' + '\n  - '.join(errors))
 
     steps_per_epoch = max(1, info['num_train'] // c.batch_size)
     total = c.total_steps or max(1, int(math.ceil(c.num_epochs * steps_per_epoch)))
-    eval_every = max(1, int(round(c.eval_every_epochs * steps_per_epoch))) if (
-        c.eval_every_epochs and c.eval_every_epochs > 0) else total
+    eval_every = (
+        max(1, int(round(c.eval_every_epochs * steps_per_epoch)))
+        if (c.eval_every_epochs and c.eval_every_epochs > 0)
+        else total
+    )
     return RunPlan(
         num_classes=info['num_classes'],
         num_train=info['num_train'],
@@ -198,10 +271,17 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
     """The model from ``config.model``; width/depth overrides give a custom-scaled member."""
     m = config.model
     return efficientnet.create_model(
-        m.name, num_classes=num_classes, dtype=COMPUTE_DTYPES[m.compute_dtype], width=m.width,
-        depth=m.depth, resolution=config.data.resolution, dropout_rate=m.dropout_rate,
-        drop_path_rate=m.drop_path_rate, bn_group_size=m.bn_group_size,
-        depthwise_impl=m.depthwise_impl)
+        m.name,
+        num_classes=num_classes,
+        dtype=COMPUTE_DTYPES[m.compute_dtype],
+        width=m.width,
+        depth=m.depth,
+        resolution=config.data.resolution,
+        dropout_rate=m.dropout_rate,
+        drop_path_rate=m.drop_path_rate,
+        bn_group_size=m.bn_group_size,
+        depthwise_impl=m.depthwise_impl,
+    )
 
 
 def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:
@@ -210,7 +290,12 @@ def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:
     path = os.path.join(workdir, 'config.json')
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-        json.dump({'config': config.to_dict(), 'derived': plan.to_dict()}, f, indent=2,
-                  sort_keys=True, default=str)
+        json.dump(
+            {'config': config.to_dict(), 'derived': plan.to_dict()},
+            f,
+            indent=2,
+            sort_keys=True,
+            default=str,
+        )
     os.replace(tmp, path)
     return path

@@ -15,20 +15,28 @@ import input_pipeline
 from training import sharding
 
 
-def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                          start_step: int = 0) -> input_pipeline.TrainIterator:
+def create_train_iterator(
+    data_config: Any, *, global_batch_size: int, seed: int, start_step: int = 0
+) -> input_pipeline.TrainIterator:
     """This process's train batches (``input_pipeline.create_train_iterator``)."""
     return input_pipeline.create_train_iterator(
-        data_config, global_batch_size=global_batch_size, seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step)
+        data_config,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=start_step,
+    )
 
 
 def create_eval_iterator(data_config: Any, *, global_batch_size: int) -> Iterator[dict]:
     """This process's part of one exact pass over the eval split."""
     return input_pipeline.create_eval_iterator(
-        data_config, global_batch_size=global_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        data_config,
+        global_batch_size=global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 class DevicePrefetcher:
@@ -39,8 +47,15 @@ class DevicePrefetcher:
     recorded just before that batch is drawn; ``state_before(step)`` returns it.
     """
 
-    def __init__(self, iterator: Any, mesh: Mesh, *, start_step: int, depth: int = 2,
-                 capture: Callable[[int], bool] = lambda step: False):
+    def __init__(
+        self,
+        iterator: Any,
+        mesh: Mesh,
+        *,
+        start_step: int,
+        depth: int = 2,
+        capture: Callable[[int], bool] = lambda step: False,
+    ):
         self.iterator = iterator
         self.mesh = mesh
         self.depth = max(0, depth)

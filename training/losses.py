@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 
-def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
-                   ) -> jax.Array:
+def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
     """Targets ``(1 - eps) * onehot + eps / K`` (docs/reference.md §4); soft targets (MixUp,
     [B, K] float) are smoothed the same way. Integer labels [B] are one-hot encoded."""
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -15,15 +14,15 @@ def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float =
     else:
         targets = labels.astype(jnp.float32)
         if targets.shape[-1] != num_classes:
-            raise ValueError(f'soft targets have {targets.shape[-1]} classes, '
-                             f'expected {num_classes}')
+            raise ValueError(
+                f'soft targets have {targets.shape[-1]} classes, expected {num_classes}'
+            )
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
     return targets
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-                  ) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy in float32, whatever the logits' dtype (bf16 losses
     drift late in training)."""
     logits = logits.astype(jnp.float32)

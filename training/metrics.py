@@ -18,8 +18,9 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (rank < k).astype(jnp.int32)
 
 
-def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
-              ) -> dict[str, jax.Array]:
+def eval_sums(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Sums over the examples where ``mask`` is true: loss (float32, no smoothing), top-1 and
     top-5 hits (int32) and the count. Padding rows (mask false) contribute nothing."""
     if labels.ndim == 2:  # soft targets: score against the arg-max class
@@ -50,5 +51,9 @@ class EvalAccumulator:
         n = self.totals.get('count', 0)
         if n == 0:
             raise ValueError('the evaluation saw no examples (every mask was false)')
-        return {'loss': self.totals['loss_sum'] / n, 'top1': self.totals['top1'] / n,
-                'top5': self.totals['top5'] / n, 'count': n}
+        return {
+            'loss': self.totals['loss_sum'] / n,
+            'top1': self.totals['top1'] / n,
+            'top5': self.totals['top5'] / n,
+            'count': n,
+        }

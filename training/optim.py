@@ -42,8 +42,9 @@ def create_learning_rate_schedule(
         if kind == 'exponential':
             lr = base_lr * decay_factor ** jnp.floor(t / decay_steps)
         elif kind == 'cosine':
-            lr = 0.5 * base_lr * (1.0 + jnp.cos(math.pi * jnp.minimum(t, total_steps)
-                                                / total_steps))
+            lr = (
+                0.5 * base_lr * (1.0 + jnp.cos(math.pi * jnp.minimum(t, total_steps) / total_steps))
+            )
         else:
             lr = jnp.full_like(t, base_lr)
         lr = jnp.maximum(lr, min_lr)
@@ -60,8 +61,13 @@ class TF1RMSPropState(NamedTuple):
     mom: Any  # momentum buffer, already scaled by the learning rate
 
 
-def tf1_rmsprop(learning_rate: float | Schedule, decay: float = 0.9, momentum: float = 0.9,
-                eps: float = 1e-3, initial_ms: float = 1.0) -> optax.GradientTransformation:
+def tf1_rmsprop(
+    learning_rate: float | Schedule,
+    decay: float = 0.9,
+    momentum: float = 0.9,
+    eps: float = 1e-3,
+    initial_ms: float = 1.0,
+) -> optax.GradientTransformation:
     """RMSProp exactly as ``tf.compat.v1.train.RMSPropOptimizer`` (non-centred)::
 
         ms  = decay * ms + (1 - decay) * g**2          # ms starts at 1.0, not 0
@@ -85,8 +91,9 @@ def tf1_rmsprop(learning_rate: float | Schedule, decay: float = 0.9, momentum: f
         del params
         lr = lr_fn(state.count)
         ms = jax.tree.map(lambda s, g: decay * s + (1.0 - decay) * jnp.square(g), state.ms, grads)
-        mom = jax.tree.map(lambda m, g, s: momentum * m + lr * g * jax.lax.rsqrt(s + eps),
-                           state.mom, grads, ms)
+        mom = jax.tree.map(
+            lambda m, g, s: momentum * m + lr * g * jax.lax.rsqrt(s + eps), state.mom, grads, ms
+        )
         updates = jax.tree.map(lambda m, g: (-m).astype(g.dtype), mom, grads)
         return updates, TF1RMSPropState(count=state.count + 1, ms=ms, mom=mom)
 
@@ -97,8 +104,9 @@ class DecoupledDecayState(NamedTuple):
     count: jax.Array
 
 
-def decoupled_weight_decay(learning_rate: float | Schedule, rate: float,
-                           mask: Any = None) -> optax.GradientTransformation:
+def decoupled_weight_decay(
+    learning_rate: float | Schedule, rate: float, mask: Any = None
+) -> optax.GradientTransformation:
     """Adds ``-lr * rate * w`` to the update (AdamW-style decay, scaled by the schedule)."""
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -111,8 +119,9 @@ def decoupled_weight_decay(learning_rate: float | Schedule, rate: float,
             raise ValueError('decoupled weight decay needs the params')
         lr = lr_fn(state.count)
         m = mask if mask is not None else jax.tree.map(lambda _: True, params)
-        updates = jax.tree.map(lambda u, p, keep: u - lr * rate * p if keep else u,
-                               updates, params, m)
+        updates = jax.tree.map(
+            lambda u, p, keep: u - lr * rate * p if keep else u, updates, params, m
+        )
         return updates, DecoupledDecayState(count=state.count + 1)
 
     return optax.GradientTransformation(init, update)
@@ -140,13 +149,19 @@ def _key(k: Any) -> str:
 
 def l2_penalty(params: Any, mask: Any) -> jax.Array:
     """``sum(w**2) / 2`` over the masked leaves, in float32 (tf.nn.l2_loss summed)."""
-    leaves = [jnp.sum(jnp.square(p.astype(jnp.float32)))
-              for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+    leaves = [
+        jnp.sum(jnp.square(p.astype(jnp.float32)))
+        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+        if m
+    ]
     return 0.5 * sum(leaves) if leaves else jnp.zeros([], jnp.float32)
 
 
-def create_optimizer(opt_config: Any, schedule: Schedule, decay_mask: Any = None,
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+    opt_config: Any,
+    schedule: Schedule,
+    decay_mask: Any = None,
+) -> optax.GradientTransformation:
     """The optimizer from ``config.optim``.
 
     Chain: [clip by global norm] -> RMSProp (or SGD momentum / AdamW) -> [decoupled decay],
@@ -159,8 +174,9 @@ def create_optimizer(opt_config: Any, schedule: Schedule, decay_mask: Any = None
     if c.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
     if c.name == 'rmsprop':
-        parts.append(tf1_rmsprop(schedule, decay=c.rmsprop_decay, momentum=c.momentum,
-                                 eps=c.rmsprop_epsilon))
+        parts.append(
+            tf1_rmsprop(schedule, decay=c.rmsprop_decay, momentum=c.momentum, eps=c.rmsprop_epsilon)
+        )
     elif c.name == 'momentum':
         parts.append(optax.sgd(schedule, momentum=c.momentum, nesterov=True))
     elif c.name == 'adamw':

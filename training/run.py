@@ -49,20 +49,27 @@ class Run:
         return state_lib.jit_init(init, self.state_shardings, self.mesh)(jax.random.key(seed))
 
 
-def create_run(config: Any, plan: config_resolve.RunPlan | None = None, *,
-               mesh: Mesh | None = None) -> Run:
+def create_run(
+    config: Any, plan: config_resolve.RunPlan | None = None, *, mesh: Mesh | None = None
+) -> Run:
     """Wires a run from ``config``. ``plan`` defaults to ``config_resolve.resolve`` over the
     mesh's devices; ``mesh`` defaults to a (data, fsdp) mesh over every device."""
     mesh = mesh or sharding.create_mesh(config.mesh.fsdp)
     if plan is None:
-        plan = config_resolve.resolve(config, device_count=mesh.size,
-                                      process_count=jax.process_count())
+        plan = config_resolve.resolve(
+            config, device_count=mesh.size, process_count=jax.process_count()
+        )
     o = config.optim
     model = config_resolve.build_model(config, plan.num_classes)
     schedule = optim.create_learning_rate_schedule(
-        plan.learning_rate, kind=o.schedule, warmup_steps=plan.warmup_steps,
-        total_steps=plan.total_steps, decay_steps=plan.decay_steps, decay_factor=o.decay_factor,
-        min_lr=o.min_learning_rate)
+        plan.learning_rate,
+        kind=o.schedule,
+        warmup_steps=plan.warmup_steps,
+        total_steps=plan.total_steps,
+        decay_steps=plan.decay_steps,
+        decay_factor=o.decay_factor,
+        min_lr=o.min_learning_rate,
+    )
     variables = state_lib.abstract_variables(model, config.data.resolution)
     decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
     tx = optim.create_optimizer(o, schedule, decay_mask)
@@ -70,15 +77,38 @@ def create_run(config: Any, plan: config_resolve.RunPlan | None = None, *,
     shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
     train_step = make_train_step(
-        model, tx, schedule, mesh=mesh, state_shardings=shardings, seed=config.seed,
+        model,
+        tx,
+        schedule,
+        mesh=mesh,
+        state_shardings=shardings,
+        seed=config.seed,
         label_smoothing=config.label_smoothing,
         weight_decay=o.weight_decay if o.weight_decay_mode == 'l2' else 0.0,
-        weight_decay_mask=decay_mask, ema_decay=config.ema_decay,
-        grad_accum_steps=plan.grad_accum_steps, normalization=plan.normalization,
-        compute_dtype=dtype)
-    eval_step = make_eval_step(model, mesh=mesh, state_shardings=shardings,
-                               normalization=plan.normalization, compute_dtype=dtype)
-    return Run(config=config, plan=plan, mesh=mesh, model=model, schedule=schedule, tx=tx,
-               weight_decay_mask=decay_mask, abstract_variables=variables,
-               abstract_state=abstract, state_shardings=shardings, train_step=train_step,
-               eval_step=eval_step)
+        weight_decay_mask=decay_mask,
+        ema_decay=config.ema_decay,
+        grad_accum_steps=plan.grad_accum_steps,
+        normalization=plan.normalization,
+        compute_dtype=dtype,
+    )
+    eval_step = make_eval_step(
+        model,
+        mesh=mesh,
+        state_shardings=shardings,
+        normalization=plan.normalization,
+        compute_dtype=dtype,
+    )
+    return Run(
+        config=config,
+        plan=plan,
+        mesh=mesh,
+        model=model,
+        schedule=schedule,
+        tx=tx,
+        weight_decay_mask=decay_mask,
+        abstract_variables=variables,
+        abstract_state=abstract,
+        state_shardings=shardings,
+        train_step=train_step,
+        eval_step=eval_step,
+    )

@@ -52,16 +52,19 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
     return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int = 2 ** 14) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int = 2**14) -> Any:
     """NamedShardings for every leaf of a state pytree (shapes from jax.eval_shape)."""
     fsdp = mesh.shape['fsdp']
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, fsdp_min_size)),
-        abstract_state)
+        abstract_state,
+    )
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global jax.Arrays split over the mesh (multi-process safe)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

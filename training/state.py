@@ -51,8 +51,9 @@ def state_from_variables(variables: Any, tx: optax.GradientTransformation) -> Tr
     )
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, image_size: int
-                 ) -> Callable[[jax.Array], TrainState]:
+def make_init_fn(
+    model: nn.Module, tx: optax.GradientTransformation, image_size: int
+) -> Callable[[jax.Array], TrainState]:
     def init(rng: jax.Array) -> TrainState:
         return state_from_variables(init_variables(model, image_size, rng), tx)
 
@@ -64,30 +65,39 @@ def abstract_variables(model: nn.Module, image_size: int) -> Any:
     return jax.eval_shape(lambda: init_variables(model, image_size, jax.random.key(0)))
 
 
-def abstract_state_from_variables(variables: Any, tx: optax.GradientTransformation
-                                  ) -> TrainState:
+def abstract_state_from_variables(variables: Any, tx: optax.GradientTransformation) -> TrainState:
     """Shapes and dtypes of the state, from ``abstract_variables`` without tracing the model
     again (the tracing shows in the time to the first step; docs/benchmarks.md)."""
     return jax.eval_shape(lambda v: state_from_variables(v, tx), variables)
 
 
-def jit_init(init: Callable[[jax.Array], TrainState], shardings: Any, mesh: Mesh
-             ) -> Callable[[jax.Array], TrainState]:
+def jit_init(
+    init: Callable[[jax.Array], TrainState], shardings: Any, mesh: Mesh
+) -> Callable[[jax.Array], TrainState]:
     """``init`` jitted to produce the state directly in ``shardings`` (compiled with
     compilation.init_compiler_options: faster to compile on CPU, same values)."""
-    return jax.jit(init, out_shardings=shardings,
-                   compiler_options=compilation.init_compiler_options(mesh))
+    return jax.jit(
+        init, out_shardings=shardings, compiler_options=compilation.init_compiler_options(mesh)
+    )
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-                         ) -> TrainState:
+def abstract_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_size: int,
+) -> TrainState:
     """Shapes and dtypes of the state, computed without allocating anything."""
     return abstract_state_from_variables(abstract_variables(model, image_size), tx)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-                       rng: jax.Array, mesh: Mesh, fsdp_min_size: int = 2 ** 14,
-                       ) -> tuple[TrainState, Any]:
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    rng: jax.Array,
+    mesh: Mesh,
+    fsdp_min_size: int = 2**14,
+) -> tuple[TrainState, Any]:
     """Initialises the state directly into its shardings (no host round trip, no full copy on
     one device). Returns (state, shardings)."""
     init = make_init_fn(model, tx, image_size)

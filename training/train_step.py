@@ -56,8 +56,12 @@ def make_train_step(
 
         def loss_fn(params):
             logits, new_vars = model.apply(
-                {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-                rngs={'dropout': rng}, mutable=['batch_stats'])
+                {'params': params, 'batch_stats': state.batch_stats},
+                images,
+                train=True,
+                rngs={'dropout': rng},
+                mutable=['batch_stats'],
+            )
             data_loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
             l2 = optim.l2_penalty(params, weight_decay_mask) if weight_decay else 0.0
             total = data_loss + weight_decay * l2
@@ -71,12 +75,14 @@ def make_train_step(
         opt_steps = (state.step + 1) // grad_accum_steps  # updates done after this call
         if ema_decay:
             new_ema_p = ema_lib.update_ema(state.ema_params, params, opt_steps, ema_decay)
-            new_ema_bs = ema_lib.update_ema(state.ema_batch_stats, batch_stats, opt_steps,
-                                            ema_decay)
+            new_ema_bs = ema_lib.update_ema(
+                state.ema_batch_stats, batch_stats, opt_steps, ema_decay
+            )
             if grad_accum_steps > 1:
                 boundary = (state.step + 1) % grad_accum_steps == 0
                 pick = lambda new, old: jax.tree.map(
-                    lambda a, b: jnp.where(boundary, a, b), new, old)
+                    lambda a, b: jnp.where(boundary, a, b), new, old
+                )
                 new_ema_p = pick(new_ema_p, state.ema_params)
                 new_ema_bs = pick(new_ema_bs, state.ema_batch_stats)
         else:  # no averaging: the "EMA" follows the weights
@@ -92,8 +98,13 @@ def make_train_step(
             'learning_rate': schedule(state.step // grad_accum_steps),
         }
         new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-            ema_params=new_ema_p, ema_batch_stats=new_ema_bs)
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=new_ema_p,
+            ema_batch_stats=new_ema_bs,
+        )
         return new_state, metrics
 
     batch_s = sharding.batch_sharding(mesh)
@@ -105,9 +116,14 @@ def make_train_step(
     )
 
 
-def make_eval_step(model: nn.Module, *, mesh: Mesh, state_shardings: Any,
-                   normalization: str = 'imagenet', compute_dtype: Any = jnp.float32
-                   ) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(
+    model: nn.Module,
+    *,
+    mesh: Mesh,
+    state_shardings: Any,
+    normalization: str = 'imagenet',
+    compute_dtype: Any = jnp.float32,
+) -> Callable[[TrainState, dict], dict]:
     """Returns ``eval_step(state, batch) -> {'raw': sums, 'ema': sums}`` (masked sums, see
     metrics.eval_sums): one pass over the data scores both the raw and the EMA weights."""
 
@@ -115,11 +131,16 @@ def make_eval_step(model: nn.Module, *, mesh: Mesh, state_shardings: Any,
         images = normalize_images(batch['image'], normalization, compute_dtype)
         mask = batch.get('mask')
         out = {}
-        for name, params, stats in (('raw', state.params, state.batch_stats),
-                                    ('ema', state.ema_params, state.ema_batch_stats)):
+        for name, params, stats in (
+            ('raw', state.params, state.batch_stats),
+            ('ema', state.ema_params, state.ema_batch_stats),
+        ):
             logits = model.apply({'params': params, 'batch_stats': stats}, images, train=False)
             out[name] = metrics_lib.eval_sums(logits, batch['label'], mask)
         return out
 
-    return jax.jit(eval_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        eval_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )

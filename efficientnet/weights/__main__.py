@@ -1,8 +1,8 @@
 """Converts published EfficientNet weights into our msgpack format.
 
-    python -m efficientnet.weights --source torch --model b0 efficientnet-b0.pth b0.msgpack
-    python -m efficientnet.weights --source keras --model b3 efficientnetb3.h5 b3.msgpack
-    python -m efficientnet.weights --source tf --model b0 efficientnet-b0/model.ckpt b0.msgpack
+python -m efficientnet.weights --source torch --model b0 efficientnet-b0.pth b0.msgpack
+python -m efficientnet.weights --source keras --model b3 efficientnetb3.h5 b3.msgpack
+python -m efficientnet.weights --source tf --model b0 efficientnet-b0/model.ckpt b0.msgpack
 """
 
 from __future__ import annotations
@@ -18,17 +18,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='python -m efficientnet.weights',
         description='Convert Keras, PyTorch (efficientnet_pytorch naming) or official '
-                    'TensorFlow EfficientNet weights into a msgpack file for this package.')
-    parser.add_argument('--source', required=True, choices=SOURCES,
-                        help='keras: .keras/.weights.h5/.h5 of keras.applications; torch: '
-                             '.pth state dict; tf: checkpoint prefix or directory')
-    parser.add_argument('--model', required=True, help="variant, e.g. b0, efficientnet-b3, lite0")
-    parser.add_argument('--num-classes', type=int, default=1000,
-                        help='class count of the source classifier (default 1000)')
-    parser.add_argument('--skip-head', action='store_true',
-                        help='drop the classifier (a backbone for fine-tuning)')
-    parser.add_argument('--no-ema', action='store_true',
-                        help='tf: take the raw variables, not their ExponentialMovingAverage')
+        'TensorFlow EfficientNet weights into a msgpack file for this package.',
+    )
+    parser.add_argument(
+        '--source',
+        required=True,
+        choices=SOURCES,
+        help='keras: .keras/.weights.h5/.h5 of keras.applications; torch: '
+        '.pth state dict; tf: checkpoint prefix or directory',
+    )
+    parser.add_argument('--model', required=True, help='variant, e.g. b0, efficientnet-b3, lite0')
+    parser.add_argument(
+        '--num-classes',
+        type=int,
+        default=1000,
+        help='class count of the source classifier (default 1000)',
+    )
+    parser.add_argument(
+        '--skip-head', action='store_true', help='drop the classifier (a backbone for fine-tuning)'
+    )
+    parser.add_argument(
+        '--no-ema',
+        action='store_true',
+        help='tf: take the raw variables, not their ExponentialMovingAverage',
+    )
     parser.add_argument('input', help='weights to convert')
     parser.add_argument('output', help='msgpack file to write')
     return parser.parse_args(argv)
@@ -43,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name = arch.get_variant(args.model).name
         exists = os.path.exists(args.input) or (
-            args.source == 'tf' and os.path.exists(args.input + '.index'))
+            args.source == 'tf' and os.path.exists(args.input + '.index')
+        )
         if not exists:
             raise FileNotFoundError(f'input not found: {args.input}')
         options = dict(num_classes=args.num_classes, skip_head=args.skip_head)
@@ -59,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tensors, params, stats = core.count(variables)
     head = 'without classifier' if args.skip_head else f'{args.num_classes} classes'
-    print(f'converted {tensors} tensors from {args.source} {args.input} as {name} ({head}): '
-          f'{params:,} parameters, {stats:,} batch-norm statistics -> {args.output}')
+    print(
+        f'converted {tensors} tensors from {args.source} {args.input} as {name} ({head}): '
+        f'{params:,} parameters, {stats:,} batch-norm statistics -> {args.output}'
+    )
     return 0
 
 

@@ -75,12 +75,12 @@ def _target_shapes(canonical: str, num_classes: int) -> tuple[tuple[str, tuple[i
 
 
 def _natural(path: str) -> tuple:
-    return tuple((0, int(p), '') if p.isdigit() else (1, 0, p)
-                 for p in re.split(r'(\d+)', path))
+    return tuple((0, int(p), '') if p.isdigit() else (1, 0, p) for p in re.split(r'(\d+)', path))
 
 
-def target_shapes(name: str, num_classes: int = 1000, skip_head: bool = False
-                  ) -> dict[str, tuple[int, ...]]:
+def target_shapes(
+    name: str, num_classes: int = 1000, skip_head: bool = False
+) -> dict[str, tuple[int, ...]]:
     """Every tensor of ``create_model(name, num_classes=...)`` as {'stem_bn/mean': shape, ...};
     without the classifier when ``skip_head``."""
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -97,7 +97,7 @@ def block_path(path: str) -> tuple[int | None, str]:
     """'blocks_3/se/reduce/kernel' -> (3, 'se/reduce/kernel'); 'stem_bn/mean' -> (None, path)."""
     head, _, rest = path.partition('/')
     if head.startswith('blocks_'):
-        return int(head[len('blocks_'):]), rest
+        return int(head[len('blocks_') :]), rest
     return None, path
 
 
@@ -111,9 +111,15 @@ def _listing(kind: str, items: list[str]) -> str:
     return f'{len(items)} {kind}: {shown}{more}'
 
 
-def assemble(source: Mapping[str, Any], plan: Plan, shapes: Mapping[str, tuple[int, ...]],
-             *, ignored: Iterable[str] = (), what: str = 'weights',
-             model: str = '') -> dict[str, dict]:
+def assemble(
+    source: Mapping[str, Any],
+    plan: Plan,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    ignored: Iterable[str] = (),
+    what: str = 'weights',
+    model: str = '',
+) -> dict[str, dict]:
     """Fills every path of ``shapes`` from ``source`` through ``plan``; strict both ways.
 
     ``ignored`` source keys may stay unused (a dropped head, preprocessing constants). Returns
@@ -138,18 +144,25 @@ def assemble(source: Mapping[str, Any], plan: Plan, shapes: Mapping[str, tuple[i
     skip = set(ignored)
     unexpected = sorted((k for k in source if k not in used and k not in skip), key=_natural)
     if missing or misshapen or unexpected:
-        parts = [_listing(kind, items) for kind, items in
-                 (('missing', missing), ('unexpected', unexpected),
-                  ('shape mismatches', misshapen)) if items]
+        parts = [
+            _listing(kind, items)
+            for kind, items in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+                ('shape mismatches', misshapen),
+            )
+            if items
+        ]
         hint = ''
         if missing and all(m.startswith(HEAD_PREFIX) for m in missing):
             hint = ' (the source has no classifier: pass skip_head=True for a backbone)'
         elif misshapen and all(m.startswith(HEAD_PREFIX) for m in misshapen):
-            hint = (' (the classifier has a different class count: pass num_classes=... to '
-                    'match it, or skip_head=True to drop it)')
+            hint = (
+                ' (the classifier has a different class count: pass num_classes=... to '
+                'match it, or skip_head=True to drop it)'
+            )
         target = f' as {model}' if model else ''
-        raise WeightsMismatchError(
-            f'{what} do not fit{target}: ' + '; '.join(parts) + hint)
+        raise WeightsMismatchError(f'{what} do not fit{target}: ' + '; '.join(parts) + hint)
     return unflatten(flat)
 
 
@@ -178,8 +191,11 @@ def count(variables: Mapping[str, Any]) -> tuple[int, int, int]:
 
     params = jax.tree.leaves(variables.get('params', {}))
     stats = jax.tree.leaves(variables.get('batch_stats', {}))
-    return (len(params) + len(stats), sum(int(np.size(a)) for a in params),
-            sum(int(np.size(a)) for a in stats))
+    return (
+        len(params) + len(stats),
+        sum(int(np.size(a)) for a in params),
+        sum(int(np.size(a)) for a in stats),
+    )
 
 
 def blocks_of(name: str) -> list[arch.BlockSpec]:

@@ -20,11 +20,23 @@ import numpy as np
 from efficientnet import arch
 from efficientnet.weights import core
 
-_TOP = {'stem_conv': 'stem_conv', 'stem_bn': 'stem_bn', 'head_conv': 'top_conv',
-        'head_bn': 'top_bn', 'classifier': 'predictions'}
-_BLOCK = {'expand_conv': 'expand_conv', 'expand_bn': 'expand_bn', 'dw_conv': 'dwconv',
-          'dw_bn': 'bn', 'se/reduce': 'se_reduce', 'se/expand': 'se_expand',
-          'project_conv': 'project_conv', 'project_bn': 'project_bn'}
+_TOP = {
+    'stem_conv': 'stem_conv',
+    'stem_bn': 'stem_bn',
+    'head_conv': 'top_conv',
+    'head_bn': 'top_bn',
+    'classifier': 'predictions',
+}
+_BLOCK = {
+    'expand_conv': 'expand_conv',
+    'expand_bn': 'expand_bn',
+    'dw_conv': 'dwconv',
+    'dw_bn': 'bn',
+    'se/reduce': 'se_reduce',
+    'se/expand': 'se_expand',
+    'project_conv': 'project_conv',
+    'project_bn': 'project_bn',
+}
 _BN_LEAF = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean', 'var': 'moving_variance'}
 _HEAD_KEYS = ('predictions/kernel', 'predictions/bias')
 _PREPROCESSING = ('Rescaling', 'Normalization')
@@ -93,8 +105,10 @@ def _keras_class(name: str) -> str:
     v = arch.get_variant(name)
     suffix = v.name.removeprefix('efficientnet-')
     if v.is_lite or suffix not in {f'b{i}' for i in range(8)}:
-        raise ValueError(f'keras.applications has no {v.name}; Keras weights exist for '
-                         'efficientnet-b0 ... efficientnet-b7')
+        raise ValueError(
+            f'keras.applications has no {v.name}; Keras weights exist for '
+            'efficientnet-b0 ... efficientnet-b7'
+        )
     return 'EfficientNet' + suffix.upper()
 
 
@@ -120,7 +134,8 @@ def load_keras_file(path: str, name: str) -> Any:
     except Exception as e:  # Keras raises ValueError, KeyError, ... on an architecture mismatch
         raise core.WeightsMismatchError(
             f'{path} does not load into keras.applications.{cls} '
-            f'(are these weights for another variant?): {e}') from e
+            f'(are these weights for another variant?): {e}'
+        ) from e
     return model
 
 
@@ -130,8 +145,9 @@ def classifier_classes(model: Any) -> int:
     return int(model.output_shape[-1]) if top else 0
 
 
-def from_keras(model_or_file: Any, name: str, *, num_classes: int = 1000,
-               skip_head: bool = False) -> dict[str, dict]:
+def from_keras(
+    model_or_file: Any, name: str, *, num_classes: int = 1000, skip_head: bool = False
+) -> dict[str, dict]:
     """Converts a keras.applications EfficientNetB0-B7 (a built model or a ``.keras`` /
     ``.weights.h5`` / ``.h5`` file) for model ``name``.
 
@@ -149,8 +165,14 @@ def from_keras(model_or_file: Any, name: str, *, num_classes: int = 1000,
     source, preprocessing = _model_tensors(model)
     shapes = core.target_shapes(canonical, num_classes, skip_head)
     ignored = preprocessing + (list(_HEAD_KEYS) if skip_head else [])
-    return core.assemble(source, keras_plan(shapes, core.blocks_of(canonical)), shapes,
-                         ignored=ignored, what='Keras weights', model=canonical)
+    return core.assemble(
+        source,
+        keras_plan(shapes, core.blocks_of(canonical)),
+        shapes,
+        ignored=ignored,
+        what='Keras weights',
+        model=canonical,
+    )
 
 
 def _per_channel(value: Any, channels: int = 3) -> np.ndarray:

@@ -22,11 +22,23 @@ import numpy as np
 from efficientnet import arch
 from efficientnet.weights import core
 
-_TOP = {'stem_conv': '_conv_stem', 'stem_bn': '_bn0', 'head_conv': '_conv_head',
-        'head_bn': '_bn1', 'classifier': '_fc'}
-_BLOCK = {'expand_conv': '_expand_conv', 'expand_bn': '_bn0', 'dw_conv': '_depthwise_conv',
-          'dw_bn': '_bn1', 'se/reduce': '_se_reduce', 'se/expand': '_se_expand',
-          'project_conv': '_project_conv', 'project_bn': '_bn2'}
+_TOP = {
+    'stem_conv': '_conv_stem',
+    'stem_bn': '_bn0',
+    'head_conv': '_conv_head',
+    'head_bn': '_bn1',
+    'classifier': '_fc',
+}
+_BLOCK = {
+    'expand_conv': '_expand_conv',
+    'expand_bn': '_bn0',
+    'dw_conv': '_depthwise_conv',
+    'dw_bn': '_bn1',
+    'se/reduce': '_se_reduce',
+    'se/expand': '_se_expand',
+    'project_conv': '_project_conv',
+    'project_bn': '_bn2',
+}
 _BN_LEAF = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _HEAD_KEYS = ('_fc.weight', '_fc.bias')
 
@@ -72,8 +84,9 @@ def load_state_dict(state_dict_or_file: Any) -> Mapping:
     else:
         state = state_dict_or_file
     if not isinstance(state, Mapping):
-        raise ValueError(f'expected a state dict (a mapping of names to tensors), '
-                         f'got {type(state).__name__}')
+        raise ValueError(
+            f'expected a state dict (a mapping of names to tensors), got {type(state).__name__}'
+        )
     # Training checkpoints often wrap the weights: {'state_dict': {...}} or {'model': {...}}.
     if not any('_conv_stem' in str(k) for k in state):
         for wrapper in ('state_dict', 'model', 'model_state_dict'):
@@ -82,7 +95,7 @@ def load_state_dict(state_dict_or_file: Any) -> Mapping:
                 break
     keys = [str(k) for k in state]
     if keys and all(k.startswith('module.') for k in keys):  # saved from DataParallel
-        state = {k[len('module.'):]: v for k, v in state.items()}
+        state = {k[len('module.') :]: v for k, v in state.items()}
     return state
 
 
@@ -103,8 +116,9 @@ def _read(state_dict_or_file: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def from_torch(state_dict_or_file: Any, name: str, *, num_classes: int = 1000,
-               skip_head: bool = False) -> dict[str, dict]:
+def from_torch(
+    state_dict_or_file: Any, name: str, *, num_classes: int = 1000, skip_head: bool = False
+) -> dict[str, dict]:
     """Converts an efficientnet_pytorch / efficientnet_lite_pytorch state dict (a mapping of
     tensors or arrays, or a ``.pth`` file read with ``weights_only=True``) for model ``name``.
 
@@ -115,6 +129,11 @@ def from_torch(state_dict_or_file: Any, name: str, *, num_classes: int = 1000,
     canonical = arch.get_variant(name).name
     source = _read(state_dict_or_file)
     shapes = core.target_shapes(canonical, num_classes, skip_head)
-    return core.assemble(source, torch_plan(shapes), shapes,
-                         ignored=_HEAD_KEYS if skip_head else (),
-                         what='PyTorch weights', model=canonical)
+    return core.assemble(
+        source,
+        torch_plan(shapes),
+        shapes,
+        ignored=_HEAD_KEYS if skip_head else (),
+        what='PyTorch weights',
+        model=canonical,
+    )

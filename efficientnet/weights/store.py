@@ -26,7 +26,8 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], name: 
         raise ValueError("variables must hold a 'params' collection")
     tree = {k: _to_numpy(v) for k, v in variables.items()}
     data = serialization.msgpack_serialize(
-        {'model': canonical, 'format_version': FORMAT_VERSION, 'variables': tree})
+        {'model': canonical, 'format_version': FORMAT_VERSION, 'variables': tree}
+    )
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
@@ -57,8 +58,7 @@ def load_variables(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         raise ValueError(f'{path} is not an efficientnet weights file')
     version = content.get('format_version')
     if version != FORMAT_VERSION:
-        raise ValueError(f'{path} has format_version {version!r}; this code reads '
-                         f'{FORMAT_VERSION}')
+        raise ValueError(f'{path} has format_version {version!r}; this code reads {FORMAT_VERSION}')
     return content['model'], content['variables']
 
 

@@ -31,17 +31,38 @@ _log = logging.getLogger(__name__)
 
 def _block_names(expanded: bool, bn: str) -> dict[str, str]:
     if expanded:
-        return {'expand_conv': 'conv2d', 'expand_bn': bn, 'dw_conv': 'depthwise_conv2d',
-                'dw_bn': f'{bn}_1', 'se/reduce': 'se/conv2d', 'se/expand': 'se/conv2d_1',
-                'project_conv': 'conv2d_1', 'project_bn': f'{bn}_2'}
-    return {'dw_conv': 'depthwise_conv2d', 'dw_bn': bn, 'se/reduce': 'se/conv2d',
-            'se/expand': 'se/conv2d_1', 'project_conv': 'conv2d', 'project_bn': f'{bn}_1'}
+        return {
+            'expand_conv': 'conv2d',
+            'expand_bn': bn,
+            'dw_conv': 'depthwise_conv2d',
+            'dw_bn': f'{bn}_1',
+            'se/reduce': 'se/conv2d',
+            'se/expand': 'se/conv2d_1',
+            'project_conv': 'conv2d_1',
+            'project_bn': f'{bn}_2',
+        }
+    return {
+        'dw_conv': 'depthwise_conv2d',
+        'dw_bn': bn,
+        'se/reduce': 'se/conv2d',
+        'se/expand': 'se/conv2d_1',
+        'project_conv': 'conv2d',
+        'project_bn': f'{bn}_1',
+    }
 
 
-def tf_plan(shapes: Mapping[str, tuple[int, ...]], blocks: list[arch.BlockSpec],
-            bn: str = 'tpu_batch_normalization') -> core.Plan:
-    top = {'stem_conv': 'stem/conv2d', 'stem_bn': f'stem/{bn}', 'head_conv': 'head/conv2d',
-           'head_bn': f'head/{bn}', 'classifier': 'head/dense'}
+def tf_plan(
+    shapes: Mapping[str, tuple[int, ...]],
+    blocks: list[arch.BlockSpec],
+    bn: str = 'tpu_batch_normalization',
+) -> core.Plan:
+    top = {
+        'stem_conv': 'stem/conv2d',
+        'stem_bn': f'stem/{bn}',
+        'head_conv': 'head/conv2d',
+        'head_bn': f'head/{bn}',
+        'classifier': 'head/dense',
+    }
     plan = {}
     for path in shapes:
         index, rest = core.block_path(path)
@@ -83,8 +104,10 @@ def _open(path: str) -> Any:
 
     exists = os.path.isdir(path) or os.path.exists(path + '.index') or os.path.isfile(path)
     if not exists:
-        raise FileNotFoundError(f'TensorFlow checkpoint not found: {path} '
-                                '(give the prefix, e.g. model.ckpt, or its directory)')
+        raise FileNotFoundError(
+            f'TensorFlow checkpoint not found: {path} '
+            '(give the prefix, e.g. model.ckpt, or its directory)'
+        )
     path = checkpoint_prefix(path)
     try:
         return tf.train.load_checkpoint(path)
@@ -102,16 +125,24 @@ def classifier_classes(path: str | os.PathLike) -> int:
 
 def detect_scope(names: list[str]) -> str:
     """The model scope of a checkpoint: what precedes '/stem/conv2d/kernel'."""
-    scopes = sorted({n[:-len(_STEM_KERNEL)] for n in names if n.endswith(_STEM_KERNEL)})
+    scopes = sorted({n[: -len(_STEM_KERNEL)] for n in names if n.endswith(_STEM_KERNEL)})
     if len(scopes) != 1:
         found = f'several: {", ".join(scopes)}' if scopes else 'none'
-        raise ValueError(f'expected one EfficientNet scope holding "<scope>{_STEM_KERNEL}" in '
-                         f'the checkpoint, found {found}')
+        raise ValueError(
+            f'expected one EfficientNet scope holding "<scope>{_STEM_KERNEL}" in '
+            f'the checkpoint, found {found}'
+        )
     return scopes[0]
 
 
-def from_tf_checkpoint(path: str | os.PathLike, name: str, *, use_ema: bool = True,
-                       num_classes: int = 1000, skip_head: bool = False) -> dict[str, dict]:
+def from_tf_checkpoint(
+    path: str | os.PathLike,
+    name: str,
+    *,
+    use_ema: bool = True,
+    num_classes: int = 1000,
+    skip_head: bool = False,
+) -> dict[str, dict]:
     """Converts an official tensorflow/tpu EfficientNet checkpoint (a prefix such as
     ``efficientnet-b0/model.ckpt``, its '.index' file or its directory) for model ``name``.
 
@@ -131,7 +162,7 @@ def from_tf_checkpoint(path: str | os.PathLike, name: str, *, use_ema: bool = Tr
     if stored is not None and stored != canonical:
         raise ValueError(f'the checkpoint holds {stored} (scope {scope!r}), not {canonical}')
 
-    inside = {n[len(scope) + 1:] for n in names if n.startswith(scope + '/')}
+    inside = {n[len(scope) + 1 :] for n in names if n.startswith(scope + '/')}
     # A variable named '<another variable>/<suffix>' is a slot of it (EMA, RMSProp, Momentum).
     variables = {n for n in inside if not _parents(n) & inside}
     source, ema_used = {}, 0
@@ -141,15 +172,27 @@ def from_tf_checkpoint(path: str | os.PathLike, name: str, *, use_ema: bool = Tr
             ema_used += 1
         else:
             source[n] = reader.get_tensor(f'{scope}/{n}')
-    _log.info('%s: %d of %d tensors from their ExponentialMovingAverage copies',
-                 os.fspath(path), ema_used, len(source))
+    _log.info(
+        '%s: %d of %d tensors from their ExponentialMovingAverage copies',
+        os.fspath(path),
+        ema_used,
+        len(source),
+    )
 
-    bn = 'tpu_batch_normalization' if 'stem/tpu_batch_normalization/gamma' in source \
+    bn = (
+        'tpu_batch_normalization'
+        if 'stem/tpu_batch_normalization/gamma' in source
         else 'batch_normalization'
+    )
     shapes = core.target_shapes(canonical, num_classes, skip_head)
-    return core.assemble(source, tf_plan(shapes, core.blocks_of(canonical), bn), shapes,
-                         ignored=_HEAD_KEYS if skip_head else (),
-                         what='TensorFlow checkpoint', model=canonical)
+    return core.assemble(
+        source,
+        tf_plan(shapes, core.blocks_of(canonical), bn),
+        shapes,
+        ignored=_HEAD_KEYS if skip_head else (),
+        what='TensorFlow checkpoint',
+        model=canonical,
+    )
 
 
 def _parents(name: str) -> set[str]:

@@ -105,4 +105,3 @@ class IndexedSource(Source):
 
     def _make_shard(self, indices: np.ndarray) -> Shard:
         raise NotImplementedError
-

@@ -56,4 +56,3 @@ class FashionMnistFiles(IndexedSource):
             {'image': self.images[indices], 'label': self.labels[indices]}
         )
         return Shard(records, len(indices), lambda r: r)
-

@@ -95,4 +95,3 @@ class ImageFolder(IndexedSource):
         )
         load = lambda r: {'image': tf.io.read_file(r['path']), 'label': r['label']}
         return Shard(records, len(indices), load)
-

@@ -56,8 +56,11 @@ class TfdsSource(Source):
                 raise FileNotFoundError(_imagenet_missing_message(data_dir, manual_dir))
         fashion = name.split(':')[0] == 'fashion_mnist'
         if fashion and not _resolvable(FASHION_MNIST_HOST):
-            raise FileNotFoundError(_download_failed_message(
-                name, data_dir, f'{FASHION_MNIST_HOST} cannot be resolved: offline?'))
+            raise FileNotFoundError(
+                _download_failed_message(
+                    name, data_dir, f'{FASHION_MNIST_HOST} cannot be resolved: offline?'
+                )
+            )
         logger.info('preparing tfds dataset %s (manual_dir=%s)', name, manual_dir)
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         try:
@@ -101,7 +104,8 @@ def _download_failed_message(name: str, data_dir: str | None, error: Any) -> str
     if name.split(':')[0] == 'fashion_mnist':
         lines.append(
             "Or, offline: install Debian's dataset-fashion-mnist package (`make data`), or set "
-            'config.data.fashion_mnist_dir to a directory holding the four idx .gz files.')
+            'config.data.fashion_mnist_dir to a directory holding the four idx .gz files.'
+        )
     return '\n'.join(lines)
 
 
@@ -110,4 +114,3 @@ def _is_prepared(builder) -> bool:
         return builder.is_prepared()
     except AttributeError:  # older tfds
         return tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
-
