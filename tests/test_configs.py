@@ -98,6 +98,19 @@ def test_config_resolves(filename):
         # The official recipe at batch 4096: 0.016 per 256 examples, 312 steps an epoch.
         assert plan.learning_rate == pytest.approx(0.256)
         assert (plan.steps_per_epoch, plan.warmup_steps, plan.total_steps) == (312, 1560, 109_200)
+        assert plan.decay_steps == 749  # x 0.97 every 2.4 epochs: round(2.4 * 312)
+        recipe = {
+            'optim.name': 'rmsprop', 'optim.schedule': 'exponential', 'optim.decay_factor': 0.97,
+            'optim.rmsprop_decay': 0.9, 'optim.momentum': 0.9, 'optim.rmsprop_epsilon': 1e-3,
+            'optim.weight_decay': 1e-5, 'optim.weight_decay_mode': 'l2', 'label_smoothing': 0.1,
+            'ema_decay': 0.9999,
+        }  # fmt: skip
+        for key, value in recipe.items():
+            node = config
+            for part in key.split('.'):
+                node = node[part]
+            assert node == value, key
+        assert config.model.compute_dtype == 'bfloat16'
 
 
 @pytest.mark.parametrize('filename', CONFIG_FILES)
