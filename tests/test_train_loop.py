@@ -1,6 +1,7 @@
-"""train.py end to end, in subprocesses and in-process: the smoke config (steps, checkpoints, evals, a resume
-that ends bit-identical to an uninterrupted run), two processes through jax.distributed against
-one 8-device process, and a bad command line failing before anything compiles.
+"""train.py end to end, in subprocesses and in-process: the smoke config (steps, checkpoints,
+evals, a resume that ends bit-identical to an uninterrupted run), two processes through
+jax.distributed against one 8-device process, and a bad command line failing before anything
+compiles.
 
 The subprocesses share a persistent compilation cache, so only the first run of each program
 pays for XLA compilation.
