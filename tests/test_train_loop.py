@@ -23,7 +23,7 @@ import pytest
 from configs import smoke
 from efficientnet.weights import train_state
 from tests.test_eval_predict import assert_eval_agrees_with_training_log
-from training import allocator
+from training import allocator, compilation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,12 +108,41 @@ def test_eval_script_on_the_smoke_workdir_reports_the_runs_final_eval(uninterrup
     assert_eval_agrees_with_training_log(workdir, 8, p.stderr, tmp_path, batch_size=8)
 
 
-def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):
-    """Stop after 4 of 8 steps (one epoch), rerun the same command: it resumes from the
-    checkpoint and the data state and ends with exactly the uninterrupted run's state."""
-    workdir = str(tmp_path)
-    first = _train(env, workdir, '--config.num_epochs=1')
-    assert 'step 4/4' in first.stderr
+def _assert_same_state(workdir, ref_dir, step):
+    flat_ref = dict(jax.tree_util.tree_flatten_with_path(_load(ref_dir, step))[0])
+    for path, a in jax.tree_util.tree_flatten_with_path(_load(workdir, step))[0]:
+        np.testing.assert_array_equal(a, flat_ref[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_interrupted_in_process_and_resumed_on_the_command_line_is_bit_identical(
+    env, uninterrupted, tmp_path
+):
+    """The first epoch (4 of 8 steps) runs in-process through ``train.train_and_evaluate``: it
+    returns its eval and writes config.json and a checkpoint equal to the command-line run's at
+    step 4. Rerunning the command line resumes from that checkpoint and data state and ends with
+    exactly the uninterrupted run's state."""
+    import train
+
+    workdir, ref_dir = str(tmp_path), uninterrupted[0]
+    config = smoke.get_config()
+    config.num_epochs = 1.0
+    # The programs the command-line run compiled, from the cache it shares with this process.
+    previous = jax.config.jax_compilation_cache_dir
+    compilation.enable_persistent_cache(env['JAX_COMPILATION_CACHE_DIR'])
+    try:
+        result = train.train_and_evaluate(config, workdir)
+    finally:
+        compilation.enable_persistent_cache(previous)
+    assert result['step'] == 4 and result['eval/count'] == 40
+    for name in ('raw', 'ema'):
+        assert 0.0 <= result[f'eval/{name}_top1'] <= result[f'eval/{name}_top5'] <= 1.0
+        assert np.isfinite(result[f'eval/{name}_loss'])
+    with open(os.path.join(workdir, 'config.json')) as f:
+        derived = json.load(f)['derived']
+    assert (derived['total_steps'], derived['normalization']) == (4, 'imagenet')
+    assert os.listdir(os.path.join(workdir, 'best'))
+    _assert_same_state(workdir, ref_dir, 4)
+
     second = _train(env, workdir)
     assert 'resumed from step 4' in second.stderr
     assert 'training from step 4 to 8' in second.stderr
@@ -124,41 +153,8 @@ def test_interrupted_and_resumed_is_bit_identical(env, uninterrupted, tmp_path):
         re.search(r'(\d+) of (\d+) programs loaded from the persistent', second.stderr).groups(),
     )
     assert 1 <= hits <= requests, second.stderr[-2000:]
-    ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
-    flat_ref = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
-    for path, a in jax.tree_util.tree_flatten_with_path(ours)[0]:
-        np.testing.assert_array_equal(a, flat_ref[path], err_msg=jax.tree_util.keystr(path))
+    _assert_same_state(workdir, ref_dir, 8)
     assert _final_line(second.stdout) == _final_line(uninterrupted[1].stdout)
-
-
-def test_train_and_evaluate_in_process_equals_the_command_line_run(uninterrupted, tmp_path):
-    """``train.train_and_evaluate`` called in-process on the smoke config: the metrics it returns,
-    the checkpoints and config.json it writes, and a final state bit-identical to the same
-    config run through the command line."""
-    import train
-
-    workdir = str(tmp_path)
-    result = train.train_and_evaluate(smoke.get_config(), workdir)
-    assert result['step'] == 8 and result['eval/count'] == 40
-    for name in ('raw', 'ema'):
-        assert 0.0 <= result[f'eval/{name}_top1'] <= result[f'eval/{name}_top5'] <= 1.0
-        assert np.isfinite(result[f'eval/{name}_loss'])
-    ref_dir = uninterrupted[0]
-    for sub in ('checkpoints', 'best'):
-        assert sorted(os.listdir(os.path.join(workdir, sub))) == sorted(
-            os.listdir(os.path.join(ref_dir, sub))
-        )
-    with open(os.path.join(workdir, 'config.json')) as f:
-        derived = json.load(f)['derived']
-    assert (derived['total_steps'], derived['normalization']) == (8, 'imagenet')
-    flat_ref = dict(jax.tree_util.tree_flatten_with_path(_load(ref_dir, 8))[0])
-    for path, a in jax.tree_util.tree_flatten_with_path(_load(workdir, 8))[0]:
-        np.testing.assert_array_equal(a, flat_ref[path], err_msg=jax.tree_util.keystr(path))
-    # The command line printed the same final numbers.
-    assert _final_line(uninterrupted[1].stdout) == (
-        f'Final eval top-1: {100 * result["eval/ema_top1"]:.2f}% (EMA weights), '
-        f'{100 * result["eval/raw_top1"]:.2f}% (raw weights), step 8'
-    )
 
 
 def _free_port():
@@ -352,9 +348,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
         pytest.skip(f'the machine was too slow: the signal landed at step {saved}')
     second = _train(env, workdir, '--config.num_epochs=2')
     assert f'resumed from step {saved}' in second.stderr
-    ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(ref)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    _assert_same_state(workdir, uninterrupted[0], 8)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
