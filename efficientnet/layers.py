@@ -74,6 +74,13 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
     raise ValueError(f'unknown activation {name!r}; expected swish, relu6 or relu')
 
 
+def _window(xp: Array, i: int, j: int, stride: int, out_h: int, out_w: int) -> Array:
+    """xp[:, i + stride*y, j + stride*x, :] for the (out_h, out_w) output positions: the input
+    under kernel tap (i, j) of a strided window over padded ``xp``."""
+    end = (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, xp.shape[3])
+    return jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+
+
 def _patches(x: Array, kernel: int, stride: int, padding: str) -> Array:
     """(N, Ho, Wo, k*k*C) windows of padded ``x``, ordered like an HWIO kernel flattened to
     (k*k*C, O)."""
@@ -82,21 +89,7 @@ def _patches(x: Array, kernel: int, stride: int, padding: str) -> Array:
     out_h = (xp.shape[1] - kernel) // stride + 1
     out_w = (xp.shape[2] - kernel) // stride + 1
     return jnp.concatenate(
-        [
-            jax.lax.slice(
-                xp,
-                (0, i, j, 0),
-                (
-                    xp.shape[0],
-                    i + (out_h - 1) * stride + 1,
-                    j + (out_w - 1) * stride + 1,
-                    xp.shape[3],
-                ),
-                (1, stride, stride, 1),
-            )
-            for i in range(kernel)
-            for j in range(kernel)
-        ],
+        [_window(xp, i, j, stride, out_h, out_w) for i in range(kernel) for j in range(kernel)],
         axis=-1,
     )
 
@@ -232,17 +225,7 @@ def _shift_sum(xp: Array, taps: Array, stride: int, out_h: int, out_w: int) -> A
     out = None
     for i in range(k):
         for j in range(k):
-            patch = jax.lax.slice(
-                xp,
-                (0, i, j, 0),
-                (
-                    xp.shape[0],
-                    i + (out_h - 1) * stride + 1,
-                    j + (out_w - 1) * stride + 1,
-                    xp.shape[3],
-                ),
-                (1, stride, stride, 1),
-            )
+            patch = _window(xp, i, j, stride, out_h, out_w)
             term = patch * taps[i, j]
             out = term if out is None else out + term
     return out
