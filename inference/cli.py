@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from efficientnet.layers import DEPTHWISE_IMPLS
+from efficientnet.normalization import NORMALIZATIONS
 from inference.loaded_model import LoadedModel
 from inference.loading import FORMATS, detect_format, load_model
 
@@ -20,12 +22,10 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
     parser.add_argument(
         '--normalization',
-        choices=('imagenet', 'advprop', 'lite'),
+        choices=sorted(NORMALIZATIONS),
         help="override the input normalisation ('advprop' for AdvProp weights)",
     )
-    parser.add_argument(
-        '--depthwise-impl', default='auto', choices=('auto', 'xla', 'unrolled', 'cpu_kernel')
-    )
+    parser.add_argument('--depthwise-impl', default='auto', choices=DEPTHWISE_IMPLS)
 
 
 def load_model_for_tool(source: str, args: argparse.Namespace) -> LoadedModel:

@@ -180,8 +180,10 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from efficientnet.layers import DEPTHWISE_IMPLS
+
     p = benchmark_parser(__doc__)
-    p.add_argument('--depthwise', choices=['auto', 'xla', 'unrolled', 'cpu_kernel'], default='auto')
+    p.add_argument('--depthwise', choices=DEPTHWISE_IMPLS, default='auto')
     args = p.parse_args(argv)
 
     import efficientnet

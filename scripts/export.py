@@ -40,6 +40,8 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from efficientnet.normalization import NORMALIZATIONS
+
     p = argparse.ArgumentParser(
         prog='python scripts/export.py',
         description='Export EfficientNet weights to SavedModel, TFLite (float/int8) or ONNX.',
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
     p.add_argument(
         '--normalization',
-        choices=('imagenet', 'advprop', 'lite'),
+        choices=sorted(NORMALIZATIONS),
         help="input normalisation (default: the weights' own)",
     )
     p.add_argument('--resolution', type=int, help="input size S (default: the weights' own)")

@@ -31,11 +31,7 @@ def newest_step_dir(root: str) -> str | None:
     """The finished step directory with the highest step under ``root``, None if there is none."""
     if not os.path.isdir(root):
         return None
-    steps = [
-        int(n)
-        for n in os.listdir(root)
-        if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM))
-    ]
+    steps = [int(n) for n in os.listdir(root) if is_step_dir(os.path.join(root, n))]
     return os.path.join(root, str(max(steps))) if steps else None
 
 
