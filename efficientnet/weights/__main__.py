@@ -8,7 +8,6 @@ python -m efficientnet.weights --source tf --model b0 efficientnet-b0/model.ckpt
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 SOURCES = ('keras', 'torch', 'tf')
@@ -42,21 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action='store_true',
         help='tf: take the raw variables, not their ExponentialMovingAverage',
     )
-    parser.add_argument('input', help='weights to convert')
-    parser.add_argument('output', help='msgpack file to write')
+    parser.add_argument('input', help='weights to convert (a local path or gs://)')
+    parser.add_argument('output', help='msgpack file to write (a local path or gs://)')
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from efficientnet import arch
+    from efficientnet import arch, paths
     from efficientnet.weights import core, from_keras, from_tf_checkpoint, from_torch
     from efficientnet.weights.store import save_variables
 
     try:
         name = arch.get_variant(args.model).name
-        exists = os.path.exists(args.input) or (
-            args.source == 'tf' and os.path.exists(args.input + '.index')
+        exists = paths.as_path(args.input).exists() or (
+            args.source == 'tf' and paths.as_path(args.input + '.index').exists()
         )
         if not exists:
             raise FileNotFoundError(f'input not found: {args.input}')

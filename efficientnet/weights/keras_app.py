@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from efficientnet import arch
+from efficientnet import arch, paths
 from efficientnet.weights import core
 
 _TOP = {
@@ -114,17 +115,26 @@ def _keras_class(name: str) -> str:
 
 def load_keras_file(path: str, name: str) -> Any:
     """Builds ``keras.applications.EfficientNetB?(weights=None)`` with the head the file has and
-    loads the file (``.keras``, ``.weights.h5`` or legacy ``.h5``) into it."""
-    if not os.path.isfile(path):
+    loads the file (``.keras``, ``.weights.h5`` or legacy ``.h5``; local or gs://) into it."""
+    if not paths.as_path(path).is_file():
         raise FileNotFoundError(f'Keras weights file not found: {path}')
     cls = _keras_class(name)
+    if not path.endswith(('.keras', '.h5')):
+        raise ValueError(f'unrecognised Keras file {path!r}: expected .keras, .weights.h5 or .h5')
+    if paths.is_remote(path):  # Keras and h5py read local files only: a local copy first
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            paths.as_path(path).copy(local)
+            return _load_local_keras_file(local, cls, shown=path)
+    return _load_local_keras_file(path, cls, shown=path)
+
+
+def _load_local_keras_file(path: str, cls: str, shown: str) -> Any:
     if path.endswith('.keras'):
         with zipfile.ZipFile(path) as z:
             classes = _h5_head(io.BytesIO(z.read('model.weights.h5')))
-    elif path.endswith('.h5'):
-        classes = _h5_head(path)
     else:
-        raise ValueError(f'unrecognised Keras file {path!r}: expected .keras, .weights.h5 or .h5')
+        classes = _h5_head(path)
     import keras
 
     kwargs = dict(include_top=True, classes=classes) if classes else dict(include_top=False)
@@ -133,7 +143,7 @@ def load_keras_file(path: str, name: str) -> Any:
         model.load_weights(path)
     except Exception as e:  # Keras raises ValueError, KeyError, ... on an architecture mismatch
         raise core.WeightsMismatchError(
-            f'{path} does not load into keras.applications.{cls} '
+            f'{shown} does not load into keras.applications.{cls} '
             f'(are these weights for another variant?): {e}'
         ) from e
     return model

@@ -13,13 +13,14 @@ Those ports pad like TensorFlow's SAME, so the result belongs with our default p
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from efficientnet import arch
+from efficientnet import arch, paths
 from efficientnet.weights import core
 
 _TOP = {
@@ -75,12 +76,14 @@ def load_state_dict(state_dict_or_file: Any) -> Mapping:
     'module.' prefixes; read a file once with it, then pass the result on."""
     if isinstance(state_dict_or_file, (str, os.PathLike)):
         path = os.fspath(state_dict_or_file)
-        if not os.path.isfile(path):
+        if not paths.as_path(path).is_file():
             raise FileNotFoundError(f'PyTorch weights file not found: {path}')
         import torch
 
+        # torch.load reads local files itself; a gs:// file is read into memory first.
+        source = io.BytesIO(paths.as_path(path).read_bytes()) if paths.is_remote(path) else path
         # weights_only: tensors and plain containers only; never unpickle arbitrary objects.
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(source, map_location='cpu', weights_only=True)
     else:
         state = state_dict_or_file
     if not isinstance(state, Mapping):

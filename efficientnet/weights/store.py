@@ -6,20 +6,19 @@ Only flax and numpy are needed to read it back.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import serialization
 
-from efficientnet import arch
+from efficientnet import arch, paths
 
 FORMAT_VERSION = 1
 
 
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], name: str) -> None:
-    """Writes ``variables`` for model ``name`` to ``path`` atomically (temp file + rename), so a
+    """Writes ``variables`` for model ``name`` to ``path`` (local or gs://) atomically, so a
     reader never sees a half-written file."""
     canonical = arch.get_variant(name).name
     if 'params' not in variables:
@@ -28,28 +27,17 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], name: 
     data = serialization.msgpack_serialize(
         {'model': canonical, 'format_version': FORMAT_VERSION, 'variables': tree}
     )
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    paths.write_atomic(path, data)
 
 
 def load_variables(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """Reads a file written by ``save_variables``; returns (model name, variables)."""
+    """Reads a file written by ``save_variables`` (local or gs://); returns (model name,
+    variables)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    file = paths.as_path(path)
+    if not file.is_file():
         raise FileNotFoundError(f'weights file not found: {path}')
-    with open(path, 'rb') as f:
-        data = f.read()
+    data = file.read_bytes()
     try:
         content = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises several unrelated types on garbage

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from efficientnet import arch
+from efficientnet import arch, paths
 from efficientnet.weights import core
 
 EMA_SUFFIX = '/ExponentialMovingAverage'
@@ -83,12 +83,12 @@ def tf_plan(
 
 
 def checkpoint_prefix(path: str) -> str:
-    """A checkpoint prefix from what a user may pass: the prefix, its '.index' file, or a
-    directory (with a 'checkpoint' state file, or holding exactly one '.index')."""
-    if path.endswith('.index') and os.path.isfile(path):
+    """A checkpoint prefix from what a user may pass (local or gs://): the prefix, its '.index'
+    file, or a directory (with a 'checkpoint' state file, or holding exactly one '.index')."""
+    if path.endswith('.index') and paths.as_path(path).is_file():
         return path[: -len('.index')]
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, 'checkpoint')):
-        indexes = sorted(n for n in os.listdir(path) if n.endswith('.index'))
+    if paths.as_path(path).is_dir() and not paths.as_path(path, 'checkpoint').is_file():
+        indexes = [n for n in paths.listdir(path) if n.endswith('.index')]
         if len(indexes) == 1:
             return os.path.join(path, indexes[0][: -len('.index')])
         if len(indexes) > 1:
@@ -102,8 +102,7 @@ def checkpoint_prefix(path: str) -> str:
 def _open(path: str) -> Any:
     import tensorflow as tf
 
-    exists = os.path.isdir(path) or os.path.exists(path + '.index') or os.path.isfile(path)
-    if not exists:
+    if not (paths.as_path(path).exists() or paths.as_path(path + '.index').exists()):
         raise FileNotFoundError(
             f'TensorFlow checkpoint not found: {path} '
             '(give the prefix, e.g. model.ckpt, or its directory)'

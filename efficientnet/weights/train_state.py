@@ -5,8 +5,9 @@
 
 A saved TrainState holds ``params``, ``batch_stats`` and their EMA copies ``ema_params``,
 ``ema_batch_stats`` (plus the optimizer state and step). These functions find a step directory
-and read its variables as host numpy arrays, whatever mesh or process count saved them. orbax
-is imported only inside the function that reads.
+and read its variables as host numpy arrays, whatever mesh or process count saved them. Paths may
+be local or gs:// (``efficientnet.paths``). orbax is imported only inside the function that
+reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from efficientnet import paths
+
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
 STATE_ITEM = 'state'
@@ -22,24 +25,23 @@ STATE_ITEM = 'state'
 
 def is_step_dir(path: str) -> bool:
     """Whether ``path`` is one saved step: a directory named by its step holding ``state/``."""
-    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
-        os.path.join(path, STATE_ITEM)
-    )
+    path = paths.absolute(path)
+    return os.path.basename(path).isdigit() and paths.as_path(path, STATE_ITEM).is_dir()
 
 
 def newest_step_dir(root: str) -> str | None:
     """The finished step directory with the highest step under ``root``, None if there is none."""
-    if not os.path.isdir(root):
-        return None
-    steps = [int(n) for n in os.listdir(root) if is_step_dir(os.path.join(root, n))]
+    root = paths.absolute(root)
+    steps = [int(n) for n in paths.listdir(root) if is_step_dir(os.path.join(root, n))]
     return os.path.join(root, str(max(steps))) if steps else None
 
 
 def find_step_dir(path: str, subdirs: Sequence[str] = (BEST_DIR, LATEST_DIR)) -> str | None:
     """``path`` itself when it holds a saved state (a step directory), else the newest step of
     the first of ``subdirs`` (relative to ``path``; '' is ``path`` itself) that holds one; None
-    if none does."""
-    if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    if none does. Paths come back absolute (URLs unchanged)."""
+    path = paths.absolute(path)
+    if paths.as_path(path, STATE_ITEM).is_dir():
         return path
     for sub in subdirs:
         found = newest_step_dir(os.path.join(path, sub) if sub else path)
@@ -50,7 +52,7 @@ def find_step_dir(path: str, subdirs: Sequence[str] = (BEST_DIR, LATEST_DIR)) ->
 
 def workdir_of(step_dir: str) -> str:
     """The workdir a step directory (``<workdir>/{checkpoints,best}/<step>``) belongs to."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    return os.path.dirname(os.path.dirname(paths.absolute(step_dir)))
 
 
 def read_state(state_dir: str) -> dict[str, Any]:
