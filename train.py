@@ -2,6 +2,10 @@
 checkpoints.
 
     python train.py --config=configs/b0.py --workdir=/tmp/b0 [--config.batch_size=1024 ...]
+    python train.py --config=configs/b4.py --workdir=gs://bucket/b4     # on every worker of a pod
+
+The workdir (checkpoints, config.json, TensorBoard events, data-iterator states) may be local or
+gs://; process 0 writes the shared files, every process reads them.
 
 Multi-process: on TPU pods jax.distributed initialises itself; on GPU clusters (and local tests)
 pass --coordinator_address=host:port --num_processes=N --process_id=i on every process.
@@ -17,6 +21,7 @@ if __name__ == '__main__':  # before the heavy imports: may re-execute under tcm
 import logging as py_logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -34,7 +39,9 @@ from training.metrics import EvalAccumulator
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries, the config.')
+flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, summaries, the config: local or gs://.'
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process).')
@@ -153,7 +160,10 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     (a ``time.time()``) is where the logged time to the first step counts from; default: now."""
     started = started or time.time()
     plan = config_resolve.resolve(
-        config, device_count=jax.device_count(), process_count=jax.process_count()
+        config,
+        device_count=jax.device_count(),
+        process_count=jax.process_count(),
+        workdir=workdir,
     )
     for k, v in plan.to_dict().items():
         logging.info('derived %s = %s', k, v)
@@ -340,7 +350,11 @@ def main(argv: list[str]) -> None:
         jax.devices()[0].platform,
         allocator.describe(),
     )
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
+    except config_resolve.ConfigError as e:  # bad input: its message, not a traceback
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
     if 'preempted_at_step' in result:
         print(
             f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '

@@ -10,7 +10,8 @@ Layout under the workdir::
 
 Orbax writes into a temporary directory and renames it when complete, and only deletes old
 steps after a newer one is finalised, so a crash or a failed save never removes the last good
-checkpoint.
+checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files go
+through ``efficientnet.paths``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from efficientnet import weights
+from efficientnet import paths, weights
 from efficientnet.weights import train_state
 from training.state import TrainState
 
@@ -40,7 +41,7 @@ class Checkpointer:
     def __init__(
         self, workdir: str, *, keep: int = 3, keep_best: bool = True, async_save: bool = True
     ):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.absolute(workdir)  # a gs:// URL stays one
         opts = dict(enable_async_checkpointing=async_save, create=True)
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, train_state.LATEST_DIR),
@@ -103,25 +104,17 @@ class Checkpointer:
         return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
 
     def _write_data_state(self, step: int, data: bytes) -> None:
-        path = self._data_path(step)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + '.tmp', 'wb') as f:
-            f.write(data)
-        os.replace(path + '.tmp', path)
+        paths.write_atomic(self._data_path(step), data)
 
     def _prune_data_states(self) -> None:
-        if not os.path.isdir(self.data_dir):
-            return
         keep = set(self.latest.all_steps()) | {max(self.latest.all_steps(), default=-1)}
-        for name in os.listdir(self.data_dir):
+        for name in paths.listdir(self.data_dir):
             if name.isdigit() and int(name) not in keep and int(name) < max(keep, default=0):
-                step_dir = os.path.join(self.data_dir, name)
-                p = os.path.join(step_dir, f'process_{jax.process_index()}')
-                if os.path.exists(p):
-                    os.remove(p)
+                step_dir = paths.as_path(self.data_dir, name)
+                step_dir.joinpath(f'process_{jax.process_index()}').unlink(missing_ok=True)
                 try:  # the last process to prune a step removes its directory
-                    os.rmdir(step_dir)
-                except OSError:  # another process's file is still there
+                    step_dir.rmdir()
+                except (OSError, ValueError):  # another process's file is still there
                     pass
 
     # -- restoring ------------------------------------------------------------------------
@@ -141,10 +134,9 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         data_state = None
-        path = self._data_path(step)
-        if os.path.exists(path):
-            with open(path, 'rb') as f:
-                data_state = f.read()
+        path = paths.as_path(self._data_path(step))
+        if path.exists():
+            data_state = path.read_bytes()
         logging.info('restored checkpoint at step %d from %s', step, self.workdir)
         return restored['state'], data_state
 
@@ -152,9 +144,9 @@ class Checkpointer:
 def load_pretrained(path: str) -> dict[str, Any]:
     """``--config.init_from``: variables ``{'params', 'batch_stats'}`` from a converted-weights
     msgpack file or one of our checkpoint directories (a step directory, or a workdir's latest
-    step; EMA weights)."""
-    path = os.path.abspath(path)
-    if os.path.isfile(path):
+    step; EMA weights); local or gs://."""
+    path = paths.absolute(path)
+    if paths.as_path(path).is_file():
         _, variables = weights.load_variables(path)
         return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     step_dir = train_state.find_step_dir(path, (train_state.LATEST_DIR, ''))

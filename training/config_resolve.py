@@ -2,7 +2,9 @@
 
 Config files hold choices (global batch, epochs, base learning rate per 256 examples); the
 learning rate, steps per epoch, warmup/decay/total steps follow here, so that command-line
-overrides stay consistent. ``resolve`` collects every problem into one ConfigError.
+overrides stay consistent. ``resolve`` collects every problem into one ConfigError, the paths
+a run will use included: a ``gs://`` workdir, ``init_from`` or data directory without
+credentials or without its bucket fails here, before anything is compiled or written.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 
 import efficientnet
-from efficientnet import arch
+from efficientnet import arch, paths
 from efficientnet.layers import DEPTHWISE_IMPLS
 from efficientnet.normalization import NORMALIZATIONS
 
@@ -77,14 +78,32 @@ def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _check_paths(errors: list[str], config: Any, workdir: str | None) -> None:
+    """Every path the run reads or writes: gs:// ones need credentials and an existing bucket
+    (one request per bucket; local paths are not checked here)."""
+    d = config.data
+    errors += paths.problems(
+        [
+            ('--workdir', workdir),
+            ('config.init_from', config.init_from),
+            ('config.data.data_dir', d.data_dir),
+            ('config.data.manual_dir', d.manual_dir),
+            ('config.data.folder', d.folder),
+            ('config.data.fashion_mnist_dir', d.get('fashion_mnist_dir')),
+        ]
+    )
+
+
 def resolve(
     config: Any,
     *,
     device_count: int,
     process_count: int = 1,
     dataset_info_fn: Callable[[Any], dict] | None = None,
+    workdir: str | None = None,
 ) -> RunPlan:
-    """Validates ``config`` and derives the run plan; raises ConfigError listing every problem."""
+    """Validates ``config`` (and the ``workdir`` it will run in, when given) and derives the
+    run plan; raises ConfigError listing every problem."""
     errors: list[str] = []
     c, o, m = config, config.optim, config.model
     try:
@@ -206,6 +225,8 @@ def resolve(
             f'config.eval_batch_size={eval_batch} is not divisible by the {device_count} devices',
         )
 
+    _check_paths(errors, c, workdir)
+
     info = None
     if not errors:  # the dataset lookup may be slow; only when the rest is sound
         try:
@@ -285,17 +306,12 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
 
 
 def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:
-    """Writes the config and the derived plan to ``workdir/config.json``; returns the path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'config.json')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(
-            {'config': config.to_dict(), 'derived': plan.to_dict()},
-            f,
-            indent=2,
-            sort_keys=True,
-            default=str,
-        )
-    os.replace(tmp, path)
-    return path
+    """Writes the config and the derived plan to ``workdir/config.json`` (local or gs://,
+    atomically); returns the path."""
+    text = json.dumps(
+        {'config': config.to_dict(), 'derived': plan.to_dict()},
+        indent=2,
+        sort_keys=True,
+        default=str,
+    )
+    return paths.write_atomic(paths.as_path(workdir, 'config.json'), text)
