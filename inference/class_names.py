@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from efficientnet import paths
 from inference.loading import LoadedModel
 
 FASHION_MNIST_CLASSES = (
@@ -27,8 +26,8 @@ def class_names(loaded: LoadedModel) -> list[str]:
         names = imagenet_class_names()
     elif name == 'folder':
         root = data.get('folder')
-        if root and os.path.isdir(root):
-            names = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if root and paths.as_path(root).is_dir():  # local or gs://
+            names = [n for n in paths.listdir(root) if paths.as_path(root, n).is_dir()]
     elif name.split(':')[0] == 'fashion_mnist':
         names = list(FASHION_MNIST_CLASSES)
     elif name not in ('fake',):

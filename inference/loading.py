@@ -1,6 +1,7 @@
 """One entry point for every kind of weights this project reads, ready for inference.
 
     loaded = load_model('/ckpt/b0')                         # a training workdir (EMA, best step)
+    loaded = load_model('gs://bucket/b0')                   # any of these may be on gs://
     loaded = load_model('b3.msgpack')                       # python -m efficientnet.weights output
     loaded = load_model('efficientnet-b0-355c32eb.pth', model='b0')   # efficientnet_pytorch
     loaded = load_model('efficientnetb3.h5', model='b3')              # keras.applications
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import efficientnet
-from efficientnet import arch
+from efficientnet import arch, paths
 from efficientnet.weights import train_state
 from inference.loaded_model import LoadedModel
 
@@ -36,12 +37,14 @@ _MSGPACK_SUFFIXES = ('.msgpack',)
 
 
 def detect_format(source: str) -> str:
-    """The format of ``source`` from its suffix and what the path holds; ValueError if none."""
+    """The format of ``source`` (local or gs://) from its suffix and what the path holds;
+    ValueError if none."""
     path = os.fspath(source)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, 'config.json')) or train_state.is_step_dir(path):
+    where = paths.as_path(path)
+    if where.is_dir():
+        if where.joinpath('config.json').is_file() or train_state.is_step_dir(path):
             return 'workdir'
-        names = os.listdir(path)
+        names = paths.listdir(path)
         if 'checkpoint' in names or any(n.endswith('.index') for n in names):
             return 'tf'
         if any(n in names for n in (train_state.LATEST_DIR, train_state.BEST_DIR)):
@@ -50,9 +53,10 @@ def detect_format(source: str) -> str:
             f'{path} is a directory but neither a training workdir (no '
             'config.json) nor a TensorFlow checkpoint directory (no .index file)'
         )
-    if not os.path.exists(path) and os.path.exists(path + '.index'):
+    exists = where.exists()
+    if not exists and paths.as_path(path + '.index').exists():
         return 'tf'  # a checkpoint prefix such as efficientnet-b0/model.ckpt
-    if not os.path.exists(path):
+    if not exists:
         raise FileNotFoundError(f'weights not found: {path} (no such file or directory)')
     lower = path.lower()
     if lower.endswith(_MSGPACK_SUFFIXES):
@@ -63,7 +67,7 @@ def detect_format(source: str) -> str:
         return 'torch'
     if lower.endswith('.index'):
         return 'tf'
-    with open(path, 'rb') as f:
+    with where.open('rb') as f:
         head = f.read(64)
     if head.startswith(b'\x89HDF'):
         return 'keras'
@@ -102,7 +106,10 @@ def load_model(
         raise ValueError(
             f'unknown weights format {fmt!r}; expected auto or one of {", ".join(FORMATS)}'
         )
-    elif not (os.path.exists(source) or (fmt == 'tf' and os.path.exists(source + '.index'))):
+    elif not (
+        paths.as_path(source).exists()
+        or (fmt == 'tf' and paths.as_path(source + '.index').exists())
+    ):
         raise FileNotFoundError(f'weights not found: {source} (no such file or directory)')
     if depthwise_impl not in efficientnet.DEPTHWISE_IMPLS:
         raise ValueError(
@@ -149,17 +156,16 @@ def _load_workdir(
 
     from training import config_resolve
 
-    path = os.path.abspath(source)
+    path = paths.absolute(source)
     step_dir = path if train_state.is_step_dir(path) else None
     workdir = train_state.workdir_of(path) if step_dir else path
-    config_path = os.path.join(workdir, 'config.json')
-    if not os.path.isfile(config_path):
+    config_path = paths.as_path(workdir, 'config.json')
+    if not config_path.is_file():
         raise FileNotFoundError(
             f'{config_path} not found: {source} is not a training workdir '
             '(train.py writes config.json there)'
         )
-    with open(config_path) as f:
-        saved = json.load(f)
+    saved = json.loads(config_path.read_text())
     config = ml_collections.ConfigDict(saved['config'])
     stored = arch.get_variant(config.model.name).name
     if model is not None and arch.get_variant(model).name != stored:

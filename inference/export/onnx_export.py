@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from efficientnet import paths
 from inference.export.network import Conv, FoldedNetwork, SqueezeExcite, fold_network, forward
 
 OPSET = 17
@@ -172,13 +173,12 @@ def build_onnx(
 
 
 def export_onnx(model: Any, variables: Any, path: str | os.PathLike, **kwargs: Any) -> str:
-    """Writes ``build_onnx(model, variables, **kwargs)`` to ``path``; returns the path."""
-    import onnx
-
+    """Writes ``build_onnx(model, variables, **kwargs)`` to ``path`` (local or gs://); returns
+    the path."""
     proto = build_onnx(model, variables, **kwargs)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx.save_model(proto, path)
+    # The bytes onnx.save_model would write, through the one writer that also takes gs://.
+    paths.write_atomic(path, proto.SerializeToString())
     return path
 
 
@@ -186,7 +186,10 @@ def run_onnx(path: str | os.PathLike, images: np.ndarray) -> dict[str, np.ndarra
     """Runs an exported file with onnxruntime on uint8 images [N, S, S, 3]."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
+    path = os.fspath(path)
+    # onnxruntime opens local files only; a gs:// file is read into memory first.
+    model = paths.as_path(path).read_bytes() if paths.is_remote(path) else path
+    session = ort.InferenceSession(model, providers=['CPUExecutionProvider'])
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, {'images': np.asarray(images, np.uint8)})
     return dict(zip(names, values))

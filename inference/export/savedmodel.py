@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientnet import paths
 from inference.export.network import check_exportable, resolve_normalization
 
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -34,7 +35,8 @@ def export_savedmodel(
     normalization: str | tuple | None = None,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> str:
-    """Writes the SavedModel directory ``path`` (replaced if present); returns it.
+    """Writes the SavedModel directory ``path`` (local or gs://; replaced if present); returns
+    it.
 
     ``platforms`` are those the serialised computation is lowered for (one module per
     platform, chosen at run time). The facts a client needs (variant, resolution, mean/std,
@@ -88,9 +90,7 @@ def export_savedmodel(
         'outputs': ['logits', 'probabilities'],
         'platforms': list(platforms),
     }
-    os.makedirs(os.path.join(path, 'assets.extra'), exist_ok=True)
-    with open(os.path.join(path, INFO_FILE), 'w') as f:
-        json.dump(info, f, indent=2)
+    paths.write_atomic(paths.as_path(path, INFO_FILE), json.dumps(info, indent=2))
     return path
 
 

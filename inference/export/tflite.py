@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from efficientnet import paths
 from inference.export.network import fold_network
 
 QUANTIZATIONS = (None, 'int8')
@@ -81,12 +82,11 @@ def export_tflite(
     path: str | os.PathLike,
     **kwargs: Any,
 ) -> str:
-    """Writes ``convert_tflite(model, variables, **kwargs)`` to ``path``; returns the path."""
+    """Writes ``convert_tflite(model, variables, **kwargs)`` to ``path`` (local or gs://);
+    returns the path."""
     data = convert_tflite(model, variables, **kwargs)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'wb') as f:
-        f.write(data)
+    paths.write_atomic(path, data)
     return path
 
 
@@ -104,6 +104,8 @@ def run_tflite(
         )
         if isinstance(model, bytes):
             interpreter = tf.lite.Interpreter(model_content=model)
+        elif paths.is_remote(model):  # the interpreter opens local files only
+            interpreter = tf.lite.Interpreter(model_content=paths.as_path(model).read_bytes())
         else:
             interpreter = tf.lite.Interpreter(model_path=os.fspath(model))
     images = np.asarray(images, np.uint8)
