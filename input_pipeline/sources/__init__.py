@@ -11,6 +11,8 @@ import os
 import re
 from typing import Any
 
+import tensorflow as tf
+
 from input_pipeline.sources.base import Source, cfg_get
 from input_pipeline.sources.fake import FakeSource
 from input_pipeline.sources.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, FashionMnistFiles
@@ -37,7 +39,7 @@ def get_source(config: Any) -> Source:
         return ImageFolder(root, cfg_get(config, 'holdout_fraction', 0.1))
     if re.fullmatch(r'fashion_mnist(:[\d.]+)?', name):
         directory = cfg_get(config, 'fashion_mnist_dir', DEBIAN_FASHION_MNIST_DIR)
-        if os.path.exists(os.path.join(directory, 'train-images-idx3-ubyte.gz')):
+        if tf.io.gfile.exists(os.path.join(directory, 'train-images-idx3-ubyte.gz')):
             return FashionMnistFiles(directory)
         logger.info('no idx files in %s; using the tfds fashion_mnist builder', directory)
     return TfdsSource(

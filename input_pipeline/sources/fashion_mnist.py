@@ -16,10 +16,12 @@ DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Parses a (gzipped) idx file, the MNIST format: magic, dims, then big-endian data."""
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
+    """Parses a (gzipped) idx file, the MNIST format: magic, dims, then big-endian data. The
+    path may be local or gs:// (read through tf.io.gfile)."""
+    with tf.io.gfile.GFile(path, 'rb') as f:
         data = f.read()
+    if path.endswith('.gz'):
+        data = gzip.decompress(data)
     zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f'{path}: not an unsigned-byte idx file')

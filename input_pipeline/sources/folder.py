@@ -1,4 +1,5 @@
-"""An image folder, root/<class>/<image>, with a stable hash-chosen held-out split."""
+"""An image folder, root/<class>/<image>, with a stable hash-chosen held-out split. The root may
+be local or gs:// (listed and read through tf.io.gfile)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ def _valid_files(paths: list[str]) -> set[str]:
 @functools.lru_cache(maxsize=4)
 def _scan_folder(root: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
     """(class names, ((path, label), ...)) of the decodable images under root/<class>/."""
-    classes = tuple(sorted(d.name for d in os.scandir(root) if d.is_dir()))
+    # gfile lists a gs:// subdirectory with a trailing '/'.
+    entries = [n.rstrip('/') for n in tf.io.gfile.listdir(root)]
+    classes = tuple(sorted(n for n in entries if tf.io.gfile.isdir(os.path.join(root, n))))
     if not classes:
         raise ValueError(f'image folder {root!r} has no class subfolders')
     files = []
     for label, name in enumerate(classes):
-        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
+        for dirpath, _, filenames in sorted(tf.io.gfile.walk(os.path.join(root, name))):
             for fn in sorted(filenames):
                 if fn.lower().endswith(IMAGE_EXTENSIONS):
                     files.append((os.path.join(dirpath, fn), label))
@@ -71,7 +74,7 @@ class ImageFolder(IndexedSource):
 
     def __init__(self, root: str, holdout_fraction: float):
         self.name = 'folder'
-        self.root = os.path.abspath(root)
+        self.root = root if '://' in root else os.path.abspath(root)  # a URL stays one
         self.classes, files = _scan_folder(self.root)
         self.num_classes = len(self.classes)
         by_class: dict[int, list[str]] = {}

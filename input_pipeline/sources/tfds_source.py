@@ -52,7 +52,7 @@ class TfdsSource(Source):
     def _prepare(self, name, data_dir, manual_dir):
         if name.split('/')[0].split(':')[0] == 'imagenet2012':
             train_tar = os.path.join(manual_dir or '', 'ILSVRC2012_img_train.tar')
-            if not manual_dir or not os.path.exists(train_tar):
+            if not manual_dir or not tf.io.gfile.exists(train_tar):
                 raise FileNotFoundError(_imagenet_missing_message(data_dir, manual_dir))
         fashion = name.split(':')[0] == 'fashion_mnist'
         if fashion and not _resolvable(FASHION_MNIST_HOST):
