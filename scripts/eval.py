@@ -5,6 +5,7 @@ preprocessing, counting every example exactly once.
     python scripts/eval.py b0.msgpack --data-dir /data/tfds          # converted weights
     python scripts/eval.py efficientnet-b0-355c32eb.pth --model b0 --data-dir /data/tfds
     python scripts/eval.py /ckpt/small --dataset folder --folder ~/photos --split all
+    python scripts/eval.py gs://bucket/b0 --output gs://bucket/b0/eval.json   # paths may be gs://
 
 Preprocessing is the variant's (docs/reference.md §5): centre crop S / (S + 32) of the shorter
 side (or the workdir's crop fraction), bicubic resize (bilinear for Lite), the family's
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--resolution', type=int, help='override the image side')
     p.add_argument('--crop-fraction', type=float, help='override the centre-crop fraction')
     p.add_argument('--interpolation', choices=('bicubic', 'bilinear'), help='override the resize')
-    p.add_argument('--output', help='write the results here as JSON')
+    p.add_argument('--output', help='write the results here as JSON (a local path or gs://)')
     return p.parse_args(argv)
 
 
@@ -103,6 +104,7 @@ def check_dataset(data) -> dict:
     """dataset_info, with every way the data can be missing turned into a UsageError that
     carries the pipeline's own instructions (ImageNet) or how to prepare the dataset."""
     import input_pipeline
+    from efficientnet import paths
 
     name = data.name
     if name not in ('fake', 'folder') and not name.startswith('fashion_mnist'):
@@ -121,7 +123,7 @@ def check_dataset(data) -> dict:
                 f'{data.data_dir or "the default tfds data_dir"}; prepare it '
                 f'first: tfds build {name}{where}'
             )
-    if name == 'folder' and not os.path.isdir(data.folder):
+    if name == 'folder' and not paths.as_path(data.folder).is_dir():
         raise UsageError(f'image folder not found: {data.folder}')
     try:
         info = input_pipeline.dataset_info(data)
@@ -196,7 +198,20 @@ def run(args: argparse.Namespace) -> int:
     if args.crop_fraction is not None and not 0.0 < args.crop_fraction <= 1.0:
         raise UsageError(f'--crop-fraction must be in (0, 1], got {args.crop_fraction}')
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from efficientnet import paths
     from inference.cli import load_model_for_tool
+
+    bad = paths.problems(
+        [
+            ('', args.source),
+            ('--output', args.output),
+            ('--data-dir', args.data_dir),
+            ('--manual-dir', args.manual_dir),
+            ('--folder', args.folder),
+        ]
+    )
+    if bad:
+        raise UsageError('\n  '.join(bad))
 
     try:
         loaded = load_model_for_tool(args.source, args)
@@ -260,10 +275,7 @@ def run(args: argparse.Namespace) -> int:
         f'loss {report["loss"]:.4f}  count {report["count"]}'
     )
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, 'w') as f:
-            json.dump(report, f, indent=2)
-            f.write('\n')
+        paths.write_atomic(args.output, json.dumps(report, indent=2) + '\n')
     return 0
 
 

@@ -5,10 +5,12 @@
     python scripts/export.py b0.msgpack --format tflite-int8 --output b0_int8.tflite \
         --representative-folder ~/calib_images --check
     python scripts/export.py effnet.pth --model b0 --format onnx --output b0.onnx --check
+    python scripts/export.py gs://bucket/b0 --format onnx --output gs://bucket/b0.onnx --check
 
 SOURCE is anything ``inference.loading.load_model`` reads (a training workdir, a .msgpack from
 ``python -m efficientnet.weights``, Keras .h5, PyTorch .pth, an official TF checkpoint with
-``--model``). Every export takes uint8 RGB images [N, S, S, 3] (resizing and cropping are the
+``--model``), local or gs://; ``--output`` and ``--representative-folder`` may be gs:// too.
+Every export takes uint8 RGB images [N, S, S, 3] (resizing and cropping are the
 caller's job) and returns 'logits' and 'probabilities'; see docs/export.md.
 
 int8 needs ``--representative-folder``: its images go through the eval preprocessing (centre
@@ -52,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='training workdir, .msgpack, Keras .h5, PyTorch .pth or TF checkpoint',
     )
     p.add_argument('--format', required=True, choices=FORMATS, dest='fmt')
-    p.add_argument('--output', required=True, help='file (.tflite, .onnx) or SavedModel dir')
+    p.add_argument(
+        '--output', required=True, help='file (.tflite, .onnx) or SavedModel dir; local or gs://'
+    )
     p.add_argument('--model', help='variant (b0 ... b7, lite0 ...); required for keras/torch/tf')
     p.add_argument('--no-ema', action='store_true', help='raw weights, not the EMA copy')
     p.add_argument(
@@ -102,25 +106,25 @@ def folder_images(folder: str, resolution: int, crop_fraction: float | None, int
     import numpy as np
     import tensorflow as tf
 
+    from efficientnet import paths
     from input_pipeline import preprocessing
 
-    if not os.path.isdir(folder):
+    if not paths.as_path(folder).is_dir():
         raise UsageError(f'representative folder not found: {folder}')
-    paths = sorted(
+    files = sorted(
         os.path.join(root, name)
-        for root, _, names in os.walk(folder)
+        for root, _, names in paths.as_path(folder).walk()
         for name in names
         if name.lower().endswith(IMAGE_SUFFIXES)
     )
-    if len(paths) < 2:
+    if len(files) < 2:
         raise UsageError(
-            f'{folder} holds {len(paths)} images ({", ".join(IMAGE_SUFFIXES)}); '
+            f'{folder} holds {len(files)} images ({", ".join(IMAGE_SUFFIXES)}); '
             'int8 calibration needs real images, a few hundred ideally'
         )
     images = []
-    for path in paths:
-        with open(path, 'rb') as f:
-            data = f.read()
+    for path in files:
+        data = paths.as_path(path).read_bytes()
         try:
             image = preprocessing.preprocess_eval(
                 tf.constant(data),
@@ -194,10 +198,20 @@ def check(args: argparse.Namespace, loaded, images) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from efficientnet import paths
     from inference.loading import load_model
 
     start = time.time()
     try:
+        bad = paths.problems(
+            [
+                ('', args.source),
+                ('--output', args.output),
+                ('--representative-folder', args.representative_folder),
+            ]
+        )
+        if bad:
+            raise UsageError('\n  '.join(bad))
         loaded = load_model(
             args.source, model=args.model, use_ema=not args.no_ema, normalization=args.normalization
         )

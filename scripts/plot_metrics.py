@@ -7,17 +7,22 @@ metrics as solid lines and eval metrics (EMA weights by default) as dashed lines
 
 ``read_scalars`` reads the event files train.py writes through clu (TF2 summaries: scalars are
 stored as 0-d tensors) with TensorBoard's protos and a plain TFRecord reader, which avoids
-importing TensorFlow; sweep_report.py uses it too.
+importing TensorFlow for local workdirs; sweep_report.py uses it too. Workdirs and the output
+may be local or gs://.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import io
 import os
 import struct
 import sys
 from collections.abc import Iterator, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from efficientnet import paths  # noqa: E402
 
 EVENT_GLOB = 'events.out.tfevents.*'
 
@@ -25,7 +30,7 @@ EVENT_GLOB = 'events.out.tfevents.*'
 def _records(path: str) -> Iterator[bytes]:
     """The records of a TFRecord file: uint64 length, uint32 CRC of it, data, uint32 CRC. A
     record cut short (a run still writing) ends the file."""
-    with open(path, 'rb') as f:
+    with paths.as_path(path).open('rb') as f:
         while True:
             header = f.read(12)
             if len(header) < 12:
@@ -44,7 +49,7 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.util import tensor_util
 
     by_tag: dict[str, dict[int, float]] = {}
-    for path in sorted(glob.glob(os.path.join(workdir, EVENT_GLOB))):
+    for path in sorted(str(p) for p in paths.as_path(workdir).glob(EVENT_GLOB)):
         for record in _records(path):
             event = event_pb2.Event.FromString(record)
             if not event.HasField('summary'):
@@ -68,9 +73,9 @@ def run_labels(workdirs: Sequence[str]) -> list[str]:
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(set(names)) == len(names):
         return names
-    paths = [os.path.abspath(w) for w in workdirs]
-    common = os.path.commonpath(paths)
-    return [os.path.relpath(p, os.path.dirname(common)) for p in paths]
+    full = [paths.absolute(w) for w in workdirs]
+    common = os.path.commonpath(full)
+    return [os.path.relpath(p, os.path.dirname(common)) for p in full]
 
 
 PANELS = (  # (title, train tag, eval tag without the weights prefix)
@@ -84,7 +89,7 @@ def plot_runs(workdirs: Sequence[str], output: str, weights: str = 'ema') -> Non
     """Writes the PNG; raises ValueError naming a workdir without event files."""
     runs = []
     for w in workdirs:
-        if not os.path.isdir(w):
+        if not paths.as_path(w).is_dir():
             raise ValueError(f'{w} is not a run directory')
         scalars = read_scalars(w)
         if not scalars:
@@ -122,15 +127,22 @@ def plot_runs(workdirs: Sequence[str], output: str, weights: str = 'ema') -> Non
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=100)
+    save_figure(fig, output)
     plt.close(fig)
+
+
+def save_figure(fig, path: str) -> None:
+    """Writes a matplotlib figure as PNG to ``path``, local or gs:// (matplotlib writes to local
+    files or file objects only)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    paths.write_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('workdirs', nargs='+', help='run workdirs (train.py --workdir)')
-    parser.add_argument('--output', required=True, help='PNG file to write')
+    parser.add_argument('--output', required=True, help='PNG file to write (local or gs://)')
     parser.add_argument(
         '--weights',
         choices=('ema', 'raw'),

@@ -3,6 +3,7 @@
     python scripts/predict.py cat.jpg dog.png --weights b0.msgpack
     python scripts/predict.py photos/*.jpg --weights efficientnet-b0-355c32eb.pth --model b0
     python scripts/predict.py shoe.png --weights workdirs/quickstart --top 3
+    python scripts/predict.py gs://bucket/cat.jpg --weights gs://bucket/b0   # paths may be gs://
 
 Each image is preprocessed like evaluation (decode, centre crop S / (S + 32) or the weights'
 crop fraction, resize to S with the variant's interpolation); the model normalises it as its
@@ -51,11 +52,11 @@ def load_image(path: str, resolution: int, crop_fraction: float | None, interpol
     reason when the file cannot be read or decoded."""
     import tensorflow as tf
 
+    from efficientnet import paths
     from input_pipeline import preprocessing
 
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        data = paths.as_path(path).read_bytes()  # local or gs://
     except OSError as e:
         raise ValueError(e.strerror or str(e)) from e
     if not data:
@@ -114,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
         return 1
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from efficientnet import paths
     from inference.cli import load_model_for_tool
 
+    bad = paths.problems([('--weights', args.weights)])
+    if bad:
+        print(f'error: {bad[0]}', file=sys.stderr)
+        return 1
     try:
         loaded = load_model_for_tool(args.weights, args)
     except (FileNotFoundError, ValueError) as e:

@@ -31,11 +31,16 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # configs import `configs.base`, sweeps `configs.sweeps`
+
+from efficientnet import paths  # noqa: E402
+
 TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
 RUN_FILE = 'sweep_run.json'  # written when a run starts: its settings
 DONE_FILE = 'sweep_done.json'  # written when train.py returned its final eval
@@ -54,8 +59,6 @@ class SweepError(ValueError):
 def _load_module(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise SweepError(f'{what} file not found: {path}')
-    if REPO_ROOT not in sys.path:  # configs import `configs.base`, sweeps `configs.sweeps`
-        sys.path.insert(0, REPO_ROOT)
     name = '_sweep_' + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -202,17 +205,15 @@ def command_line(args: list[str]) -> str:
 
 
 def _read_json(path: str) -> dict | None:
+    file = paths.as_path(path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(file.read_text()) if file.exists() else None
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def _write_json(path: str, record: dict) -> None:
-    with open(path + '.tmp', 'w') as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + '.tmp', path)
+    paths.write_atomic(path, json.dumps(record, indent=2))
 
 
 def run_identity(config_spec: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -229,11 +230,10 @@ def run_identity(config_spec: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_tail(path: str, lines: int = 6) -> str:
-    try:
-        with open(path, errors='replace') as f:
-            tail = f.read().splitlines()[-lines:]
-    except FileNotFoundError:
+    file = paths.as_path(path)
+    if not file.exists():
         return ''
+    tail = file.read_bytes().decode(errors='replace').splitlines()[-lines:]
     return '\n'.join('      ' + line[:300] for line in tail)
 
 
@@ -261,20 +261,27 @@ class _ForwardTerm:
 
 def run_trial(args: list[str], workdir: str, term: _ForwardTerm) -> tuple[bool, str]:
     """Runs train.py with ``args``; returns (finished, the last line it printed or why not)."""
-    os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, LOG_FILE)
-    with open(log_path, 'a') as log:
-        log.write(
-            f'# {datetime.datetime.now().isoformat(timespec="seconds")}: {command_line(args)}\n'
-        )
-        log.flush()
-        term.child = subprocess.Popen(
-            [sys.executable, TRAIN_PY, *args], stdout=subprocess.PIPE, stderr=log, text=True
-        )
-        stdout, _ = term.child.communicate()
-        returncode = term.child.returncode
-        term.child = None
-        log.write(stdout)
+    with tempfile.TemporaryDirectory() as tmp:
+        # stderr streams into a local file: the log itself, or for gs:// a temporary one.
+        remote = paths.is_remote(workdir)
+        local_log = os.path.join(tmp, LOG_FILE) if remote else log_path
+        with open(local_log, 'a') as log:
+            log.write(
+                f'# {datetime.datetime.now().isoformat(timespec="seconds")}: {command_line(args)}\n'
+            )
+            log.flush()
+            term.child = subprocess.Popen(
+                [sys.executable, TRAIN_PY, *args], stdout=subprocess.PIPE, stderr=log, text=True
+            )
+            stdout, _ = term.child.communicate()
+            returncode = term.child.returncode
+            term.child = None
+            log.write(stdout)
+        if remote:  # one upload: the log so far, then this run's
+            old = paths.as_path(log_path)
+            new = paths.as_path(local_log).read_bytes()
+            paths.write_atomic(log_path, (old.read_bytes() if old.exists() else b'') + new)
     lines = [line for line in stdout.splitlines() if line.strip()]
     last = lines[-1] if lines else ''
     if returncode != 0:
@@ -319,7 +326,7 @@ def run_sweep(
                 counts['skipped'] += 1
                 print(f'{tag}: skipped (finished: {done.get("final_line", "")})', flush=True)
                 continue
-            os.makedirs(workdir, exist_ok=True)
+            paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
             record = {'identity': identity, 'swept': trial, 'command': command_line(args)}
             _write_json(os.path.join(workdir, RUN_FILE), record)
             print(f'{tag}: running (log: {os.path.join(workdir, LOG_FILE)})', flush=True)
@@ -364,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument('--config', required=True, help='config file, as for train.py')
     parser.add_argument('--sweep', required=True, help='sweep file defining get_sweep()')
-    parser.add_argument('--workdir', required=True, help='root; each run gets a subdirectory')
+    parser.add_argument(
+        '--workdir', required=True, help='root, local or gs://; each run gets a subdirectory'
+    )
     parser.add_argument(
         '--print-commands',
         action='store_true',
@@ -384,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             workdir = os.path.join(ns.workdir, run_name(trial))
             print(command_line(train_args(ns.config, workdir, {**fixed, **trial})))
         return 0
-    os.makedirs(ns.workdir, exist_ok=True)
+    bad = paths.problems([('--workdir', ns.workdir)])
+    if bad:
+        print(f'error: {bad[0]}', file=sys.stderr)
+        return 2
+    paths.as_path(ns.workdir).mkdir(parents=True, exist_ok=True)
     return 1 if run_sweep(ns.config, ns.workdir, fixed, trials) else 0
 
 

@@ -6,7 +6,7 @@ Reads every run directory under ROOT (one holding ``config.json``, as train.py w
 ``sweep_run.json`` from scripts/sweep.py), its TensorBoard event files and, when present, the
 sweep's markers. Writes PREFIX.csv, PREFIX.md (a markdown table, also printed) and PREFIX.png
 (the best metric against each swept value, one line per setting of the other swept keys);
-PREFIX defaults to ROOT/sweep_report.
+PREFIX defaults to ROOT/sweep_report. ROOT and PREFIX may be local or gs://.
 
 The swept keys are the overrides sweep.py recorded plus any config field whose value differs
 between runs, so runs launched from ``--print-commands`` on a cluster are reported the same way.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -25,16 +26,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from plot_metrics import read_scalars  # scripts/ is on sys.path when this file runs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from plot_metrics import read_scalars, save_figure  # noqa: E402  (scripts/ is on sys.path)
+
+from efficientnet import paths  # noqa: E402
 
 RUN_FILE, DONE_FILE = 'sweep_run.json', 'sweep_done.json'
 ALIASES = {'eval/top1': 'eval/ema_top1', 'eval/top5': 'eval/ema_top5', 'eval/loss': 'eval/ema_loss'}
 
 
 def _load_json(path: str) -> dict | None:
+    file = paths.as_path(path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(file.read_text()) if file.exists() else None
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -63,12 +68,12 @@ def _parse(text: str) -> Any:
 
 def load_runs(root: str) -> list[dict[str, Any]]:
     """Every run directory directly under ``root``: name, config, swept overrides, scalars."""
-    if not os.path.isdir(root):
+    if not paths.as_path(root).is_dir():
         raise ValueError(f'{root} is not a directory')
     runs = []
-    for name in sorted(os.listdir(root)):
+    for name in paths.listdir(root):
         workdir = os.path.join(root, name)
-        if not os.path.isdir(workdir):
+        if not paths.as_path(workdir).is_dir():
             continue  # this report's own files, anything else
         resolved = _load_json(os.path.join(workdir, 'config.json'))
         started = _load_json(os.path.join(workdir, RUN_FILE))
@@ -80,7 +85,7 @@ def load_runs(root: str) -> list[dict[str, Any]]:
                 'config': _flatten(resolved['config']) if resolved else {},
                 'total': (resolved or {}).get('derived', {}).get('total_micro_steps'),
                 'swept': {k: _parse(v) for k, v in (started or {}).get('swept', {}).items()},
-                'done': os.path.exists(os.path.join(workdir, DONE_FILE)),
+                'done': paths.as_path(workdir, DONE_FILE).exists(),
                 'scalars': read_scalars(workdir),
             }
         )
@@ -163,10 +168,11 @@ def _cell(value: Any, exact: bool = False) -> str:
 
 
 def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([['' if r[c] is None else r[c] for c in columns] for r in rows])
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows([['' if r[c] is None else r[c] for c in columns] for r in rows])
+    paths.write_atomic(path, text.getvalue())
 
 
 def markdown_table(columns: list[str], rows: list[dict], keys: Sequence[str] = ()) -> str:
@@ -229,7 +235,7 @@ def plot_best(path: str, keys: list[str], rows: list[dict], metric: str) -> None
         if 1 < len(groups) <= 8:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -260,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = columns[1 : columns.index('status')]
     write_csv(prefix + '.csv', columns, rows)
     table = markdown_table(columns, rows, keys)
-    with open(prefix + '.md', 'w') as f:
-        f.write(f'# Sweep {os.path.abspath(ns.root)}\n\nRanked by best {metric} ({mode}).\n\n')
-        f.write(table)
+    paths.write_atomic(
+        prefix + '.md',
+        f'# Sweep {paths.absolute(ns.root)}\n\nRanked by best {metric} ({mode}).\n\n{table}',
+    )
     plot_best(prefix + '.png', keys, rows, metric)
     print(table, end='')
     print(f'wrote {prefix}.csv, {prefix}.md, {prefix}.png')
