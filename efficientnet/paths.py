@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable
 
 from etils import epath
@@ -54,19 +54,20 @@ def listdir(path: PathLike) -> list[str]:
 
 def write_atomic(path: PathLike, data: bytes | str) -> str:
     """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never a
-    part; creates the parent directories. Local: a temporary file beside it, then a rename.
+    part. Local: a temporary file beside it (parent directories created), then a rename.
     gs://: one upload (an object appears only once its upload completes; a rename there would
     be a copy plus a delete). Returns the absolute path."""
     path = absolute(path)
     raw = data.encode() if isinstance(data, str) else data
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(path):
-        target.write_bytes(raw)
+    if is_remote(path):  # no directories to create: a bucket holds objects named by path
+        epath.Path(path).write_bytes(raw)
         return path
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=os.path.dirname(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # A fresh name beside the target ('x': never someone else's file), created with the
+    # process's umask like any other file it writes (mkstemp would make it private).
+    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{uuid.uuid4().hex}')
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'xb') as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
