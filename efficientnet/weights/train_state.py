@@ -21,12 +21,23 @@ from efficientnet import paths
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
 STATE_ITEM = 'state'
+# Orbax finishes a save by renaming '<step>.orbax-checkpoint-tmp-*' to '<step>' on local disks;
+# on gs://, where a rename is a copy, it writes '<step>' directly and this file into it last.
+COMMIT_FILE = 'commit_success.txt'
+
+
+def _holds_state(path: str) -> bool:
+    """Whether ``path`` holds a finished save: ``state/`` (and on gs://, the commit file)."""
+    if not paths.as_path(path, STATE_ITEM).is_dir():
+        return False
+    return not paths.is_remote(path) or paths.as_path(path, COMMIT_FILE).exists()
 
 
 def is_step_dir(path: str) -> bool:
-    """Whether ``path`` is one saved step: a directory named by its step holding ``state/``."""
+    """Whether ``path`` is one finished save: a directory named by its step holding ``state/``
+    (and on gs://, orbax's commit file)."""
     path = paths.absolute(path)
-    return os.path.basename(path).isdigit() and paths.as_path(path, STATE_ITEM).is_dir()
+    return os.path.basename(path).isdigit() and _holds_state(path)
 
 
 def newest_step_dir(root: str) -> str | None:
@@ -41,7 +52,7 @@ def find_step_dir(path: str, subdirs: Sequence[str] = (BEST_DIR, LATEST_DIR)) ->
     the first of ``subdirs`` (relative to ``path``; '' is ``path`` itself) that holds one; None
     if none does. Paths come back absolute (URLs unchanged)."""
     path = paths.absolute(path)
-    if paths.as_path(path, STATE_ITEM).is_dir():
+    if _holds_state(path):
         return path
     for sub in subdirs:
         found = newest_step_dir(os.path.join(path, sub) if sub else path)
