@@ -327,11 +327,16 @@ def test_eval_of_a_workdir_uses_its_dataset(capsys):
     assert 'on folder validation: 3 examples at 32px' in captured.err
 
 
+def logged_eval(log: str, step: int) -> dict[str, str]:
+    """What train.py logged for its eval at ``step`` (``log``: its stderr): {'eval/...': value}."""
+    line = [ln for ln in log.splitlines() if f'[{step}] eval/count=' in ln][-1]
+    return dict(kv.split('=') for kv in line.split(f'[{step}] ', 1)[1].strip().split(', '))
+
+
 def assert_eval_agrees_with_training_log(workdir, step, log, tmp_path, batch_size):
     """scripts/eval.py on ``workdir``'s checkpoint ``step`` reports what train.py logged for its
     own eval of that step (``log``: train.py's stderr), for the EMA and the raw weights."""
-    line = [ln for ln in log.splitlines() if f'[{step}] eval/count=' in ln][-1]
-    logged = dict(kv.split('=') for kv in line.split(f'[{step}] ', 1)[1].strip().split(', '))
+    logged = logged_eval(log, step)
     for name, flags in (('ema', []), ('raw', ['--no-ema'])):
         out = tmp_path / f'{name}.json'
         step_dir = os.path.join(workdir, 'checkpoints', str(step))

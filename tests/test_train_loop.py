@@ -29,20 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(
-        {
-            'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-            'JAX_PLATFORMS': 'cpu',
-            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-            'TF_CPP_MIN_LOG_LEVEL': '2',
-            'PYTHONPATH': ROOT,
-        }
-    )
-    return e
+def env(train_env):
+    return train_env  # conftest.py: shared with tests/test_gcs.py, like the reference run
 
 
 def _cmd(workdir, *overrides):
@@ -74,13 +62,6 @@ def _final_line(stdout):
 
 def _load(workdir, step):
     return train_state.read_state(os.path.join(workdir, 'checkpoints', str(step), 'state'))
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(env, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-    p = _train(env, workdir)
-    return workdir, p
 
 
 def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
