@@ -125,11 +125,15 @@ def _bucket_problem(bucket: str) -> str | None:
             'set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file)'
         )
     try:
+        # The request orbax itself makes (buckets.get) before it lists checkpoint steps.
         found = client.lookup_bucket(bucket, timeout=30, retry=None)
     except auth_errors.GoogleAuthError as e:
         return f'the Google Cloud credentials do not work ({_first_line(e)})'
     except api_errors.Forbidden as e:
-        return f'the credentials may not read bucket {bucket} ({_first_line(e)})'
+        return (
+            f'the credentials may not read bucket {bucket}; orbax needs its '
+            f'storage.buckets.get permission ({_first_line(e)})'
+        )
     except Exception as e:  # noqa: BLE001 - unreachable, timeouts: all mean "cannot use it"
         return f'cannot reach bucket {bucket} ({type(e).__name__}: {_first_line(e)})'
     if found is None:
