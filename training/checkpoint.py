@@ -8,10 +8,11 @@ Layout under the workdir::
     best/<step>/state               the best one by eval top-1 (kept apart, never rotated out)
     data_state/<step>/process_<i>   each process's input-iterator state (host-local bytes)
 
-Orbax writes into a temporary directory and renames it when complete, and only deletes old
-steps after a newer one is finalised, so a crash or a failed save never removes the last good
-checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files go
-through ``efficientnet.paths``).
+Orbax writes into a temporary directory and renames it when complete (on gs://, where a rename
+is a copy, it writes the step directory in place and a commit file into it last), and only
+deletes old steps after a newer one is finalised, so a crash or a failed save never removes the
+last good checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files
+go through ``efficientnet.paths``).
 """
 
 from __future__ import annotations
