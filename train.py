@@ -354,7 +354,7 @@ def main(argv: list[str]) -> None:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
     except config_resolve.ConfigError as e:  # bad input: its message, not a traceback
         print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(1)  # the status an uncaught error gave before
     if 'preempted_at_step' in result:
         print(
             f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '

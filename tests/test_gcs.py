@@ -84,7 +84,7 @@ def test_missing_bucket_stops_train_py_before_anything_is_written(gcs_env, tmp_p
         timeout=300,
     )
     seconds = time.monotonic() - started
-    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.returncode == 1, p.stderr[-3000:]
     expected = (
         '--workdir=gs://no-such-bucket/run: bucket no-such-bucket does not exist (create it '
         'with gcloud storage buckets create gs://no-such-bucket)'
