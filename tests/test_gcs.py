@@ -41,14 +41,11 @@ def _run(env, cwd, *args, timeout=420):
 
 
 def _committed_steps(emulator, prefix):
-    """Steps under ``prefix`` that orbax has finished (on gs:// it writes the step directory
-    under its final name and the commit file into it last)."""
-    names = emulator.list_objects(BUCKET, prefix)
-    return sorted(
-        int(n[len(prefix) :].split('/')[0])
-        for n in names
-        if n.endswith('/' + train_state.COMMIT_FILE) and n[len(prefix) :].split('/')[0].isdigit()
-    )
+    """Steps under ``prefix`` that orbax has finished: on gs:// it writes the step directory
+    under its final name and, last, the commit file directly in it (the one inside ``state/``
+    comes earlier)."""
+    parts = [n[len(prefix) :].split('/') for n in emulator.list_objects(BUCKET, prefix)]
+    return sorted(int(p[0]) for p in parts if p[0].isdigit() and p[1:] == [train_state.COMMIT_FILE])
 
 
 def _download(emulator, prefix, target):
@@ -89,7 +86,8 @@ def test_missing_bucket_stops_train_py_before_anything_is_written(gcs_env, tmp_p
         '--workdir=gs://no-such-bucket/run: bucket no-such-bucket does not exist (create it '
         'with gcloud storage buckets create gs://no-such-bucket)'
     )
-    assert expected in [line.strip(' -') for line in p.stderr.splitlines()], p.stderr[-3000:]
+    lines = [line.strip().removeprefix('- ') for line in p.stderr.splitlines()]
+    assert expected in lines, p.stderr[-3000:]
     assert 'Traceback' not in p.stderr and 'first step' not in p.stderr
     assert os.listdir(tmp_path) == [], 'nothing may be written locally instead'
     print(f'train.py refused the missing bucket after {seconds:.1f} s')
@@ -129,7 +127,7 @@ def test_smoke_run_on_gcs_killed_resumed_evaluated_exported(
     started = time.monotonic()
     second = _run(gcs_env, scratch, *_cmd(WORKDIR))
     timings['resume'] = time.monotonic() - started
-    assert f'resumed from step {max(killed_at)}' in second.stderr
+    assert f'resumed from step {max(killed_at)}' in second.stderr, second.stderr[-3000:]
     assert _final_line(second.stdout) == _final_line(ref.stdout)
     assert _committed_steps(gcs_emulator, 'run/checkpoints/')[-1] == 8
     copy = str(tmp_path / 'copy')
