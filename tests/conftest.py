@@ -46,3 +46,19 @@ def _training_in_background(request):
 
     if inference_fixtures.workdir_tests_selected(request.session.items):
         inference_fixtures.start_training()
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator(tmp_path_factory):
+    """An offline GCS (tests/gcs_emulator.py) for the session: `.env` to merge into the
+    environment of a subprocess under test (never into this process's), `.make_bucket(name)`,
+    `.list_objects(bucket, prefix)`, `.read_object(bucket, name)`. A missing emulator binary
+    fails the test with the command that installs it; it is not skipped."""
+    from tests.gcs_emulator import GcsEmulator, binary_path
+
+    try:
+        binary_path()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    with GcsEmulator(tmp_path_factory.mktemp('gcs_emulator')) as emulator:
+        yield emulator
