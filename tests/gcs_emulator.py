@@ -254,7 +254,8 @@ class GcsEmulator:
         self._proxy.upstream = ('127.0.0.1', int(self.url.rsplit(':', 1)[1]))
         self._proxy.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._proxy.tls.load_cert_chain(self.cert, key)
-        threading.Thread(target=self._proxy.serve_forever, daemon=True).start()
+        serve = lambda: self._proxy.serve_forever(poll_interval=0.05)  # quick to shut down
+        threading.Thread(target=serve, daemon=True).start()
 
     def _request(
         self, method: str, path: str, body=None, ok=(200,), content_type='application/json'
@@ -299,10 +300,6 @@ class GcsEmulator:
     def read_object(self, bucket: str, name: str) -> bytes:
         """The bytes of object `name` in `bucket`."""
         return self._request('GET', f'/storage/v1/b/{_quote(bucket)}/o/{_quote(name)}?alt=media')
-
-    def environ(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """`base` (default: this process's environment) with the emulator's variables on top."""
-        return {**(os.environ if base is None else base), **self.env}
 
     def _stop_emulator(self) -> None:
         if self._process is not None and self._process.poll() is None:
