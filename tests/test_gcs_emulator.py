@@ -12,6 +12,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -137,6 +139,30 @@ def test_harness_helpers(gcs_emulator):
         gcs_emulator.read_object('helpers', 'p/missing')
     # The environment is for subprocesses only.
     assert os.environ.get('CURL_CA_BUNDLE') != gcs_emulator.env['CURL_CA_BUNDLE']
+
+
+def test_server_stops_with_a_killed_test_process(tmp_path):
+    """kill -9 of the process that started the emulator leaves no server behind."""
+    script = (
+        'import sys, time; from tests.gcs_emulator import GcsEmulator; '
+        'e = GcsEmulator(sys.argv[1]); print(e.url, flush=True); time.sleep(600)'
+    )
+    owner = subprocess.Popen(
+        [sys.executable, '-c', script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    url = owner.stdout.readline().strip()
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no env proxies
+    assert direct.open(url + '/storage/v1/b', timeout=10).status == 200
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            direct.open(url + '/storage/v1/b', timeout=1)
+        except OSError:
+            return  # connection refused: the server is gone
+        time.sleep(0.05)
+    pytest.fail(f'the emulator at {url} outlived the process that started it')
 
 
 @pytest.fixture(scope='module')
