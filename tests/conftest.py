@@ -76,3 +76,19 @@ def uninterrupted(train_env, tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp('uninterrupted'))
     return workdir, _train(train_env, workdir)
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator(tmp_path_factory):
+    """An offline GCS (tests/gcs_emulator.py) for the session: `.env` to merge into the
+    environment of a subprocess under test (never into this process's), `.make_bucket(name)`,
+    `.list_objects(bucket, prefix)`, `.read_object(bucket, name)`. A missing emulator binary
+    fails the test with the command that installs it; it is not skipped."""
+    from tests.gcs_emulator import GcsEmulator, binary_path
+
+    try:
+        binary_path()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    with GcsEmulator(tmp_path_factory.mktemp('gcs_emulator')) as emulator:
+        yield emulator
