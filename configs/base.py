@@ -72,8 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     # whole batch is one group. A bn_group_size that is set wins over bn_tpu_cores.
     config.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)
     config.model.bn_tpu_cores = ml_collections.FieldReference(None, field_type=int)
-    # Recompute each MBConv block's activations in the backward pass: the same gradients, less
-    # activation memory, each block's forward computed twice (docs/benchmarks.md).
+    # Recompute each MBConv block's activations in the backward pass instead of keeping them:
+    # the same gradients, for the large variants on accelerators (XLA:CPU compiles it to the
+    # same memory; docs/benchmarks.md).
     config.model.remat = False
 
     config.data = get_data_config()

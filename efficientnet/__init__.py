@@ -83,8 +83,8 @@ def create_model(
     dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
     drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
     depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
-    features_only, remat (recompute each block's activations in the backward pass: less memory
-    for the same gradients); and the scaling coefficients width, depth and resolution
+    features_only, remat (recompute each block's activations in the backward pass instead of
+    keeping them; the same gradients); and the scaling coefficients width, depth and resolution
     (``scaled_variant``). This is the one place a model is built from a name: training, the
     scripts and the tests all come through here.
     """
