@@ -213,6 +213,7 @@ def _train_loss(model, variables, x, labels):
     return loss_fn
 
 
+@pytest.mark.slow  # two training-mode compiles: 19-26 s on 2 shared cores
 def test_remat_keeps_parameters_and_gradients(tiny):
     """``remat=True`` rematerialises each block and changes nothing else: the same parameter
     tree (names and shapes: checkpoints and weight import/export are shared), and the same
