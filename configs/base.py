@@ -10,6 +10,11 @@ import ml_collections
 from efficientnet import arch
 
 DEFAULT_MODEL = 'efficientnet-b0'
+# The TPU slice whose BatchNorm groups the b0..b7 configs reproduce: 32 TPU v3 cores, the
+# slice on which the official rule gives about 1024 of the 4096 images per group (the
+# published models' exact slices are not recorded; bigger variants ran on more cores, where
+# the same rule gives 512 per group from 64 cores on).
+REFERENCE_TPU_CORES = 32
 
 
 def get_data_config() -> ml_collections.ConfigDict:
@@ -59,9 +64,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_path_rate = arch.DROP_PATH_RATE
     config.model.depthwise_impl = 'auto'  # auto, xla, unrolled (see efficientnet.layers)
     config.model.compute_dtype = 'bfloat16'  # float32 | bfloat16; params stay float32
-    # Examples per BatchNorm statistics group (TPU cross-replica groups in the official recipe,
-    # about 1024 of 4096). None: the whole global batch.
+    # BatchNorm statistics groups, in examples, so results do not depend on the device count.
+    # bn_group_size: examples per group, as chosen (None: see bn_tpu_cores).
+    # bn_tpu_cores: reproduce the groups the official TPU code forms on a slice of this many
+    # cores at config.batch_size; the group size is derived from both in
+    # training/config_resolve.py (bn_group_size) and logged. None with bn_group_size None: the
+    # whole batch is one group. A bn_group_size that is set wins over bn_tpu_cores.
     config.model.bn_group_size = ml_collections.FieldReference(None, field_type=int)
+    config.model.bn_tpu_cores = ml_collections.FieldReference(None, field_type=int)
+    # Recompute each MBConv block's activations in the backward pass instead of keeping them:
+    # the same gradients, for the large variants on accelerators (XLA:CPU compiles it to the
+    # same memory; docs/benchmarks.md).
+    config.model.remat = False
 
     config.data = get_data_config()
 
@@ -127,6 +141,12 @@ def variant_config(
     variant = arch.get_variant(name)
     config = get_config()
     config.model.name = variant.name
+    # BatchNorm as the official runs: batch 4096 on a 32-core TPU v3 slice. Each core holds
+    # 4096 / 32 = 128 examples; slices of more than 8 cores average the statistics over groups
+    # of max(8, cores // 8) = 8 cores, so 8 x 128 = 1024 examples per group, 4 groups a step.
+    # The group follows --config.batch_size as the official code would on the same slice
+    # (batch 2048: 8 x 64 = 512).
+    config.model.bn_tpu_cores = REFERENCE_TPU_CORES
     config.model.dropout_rate = variant.dropout
     config.data.resolution = variant.resolution
     config.data.augment = augment

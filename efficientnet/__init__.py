@@ -38,6 +38,7 @@ _OVERRIDES = (
     'bn_group_size',
     'activation',
     'features_only',
+    'remat',
 )
 _SCALING = ('width', 'depth', 'resolution')
 
@@ -82,7 +83,8 @@ def create_model(
     dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
     drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
     depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
-    features_only; and the scaling coefficients width, depth and resolution
+    features_only, remat (recompute each block's activations in the backward pass instead of
+    keeping them; the same gradients); and the scaling coefficients width, depth and resolution
     (``scaled_variant``). This is the one place a model is built from a name: training, the
     scripts and the tests all come through here.
     """
@@ -105,6 +107,8 @@ def create_model(
     g = overrides.get('bn_group_size')
     if g is not None and (not isinstance(g, int) or g < 1):
         raise ValueError(f'bn_group_size must be a positive int or None, got {g!r}')
+    if not isinstance(overrides.get('remat', False), bool):
+        raise ValueError(f'remat must be True or False, got {overrides["remat"]!r}')
     return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)
 
 

@@ -91,6 +91,11 @@ class EfficientNet(nn.Module):
 
     Training needs the 'dropout' rng (dropout and stochastic depth) and a mutable
     'batch_stats' collection.
+
+    ``remat=True`` rematerialises each MBConv block: the backward pass keeps only the blocks'
+    inputs and recomputes everything inside a block from its input, trading a second forward
+    pass through the blocks for the activation memory of the large variants. The parameters and
+    their names are the same as without it, the gradients equal within float32 rounding.
     """
 
     variant: arch.Variant
@@ -102,6 +107,7 @@ class EfficientNet(nn.Module):
     bn_group_size: int | None = None
     activation: str | None = None  # None: the variant's
     features_only: bool = False  # backbone use: no head, returns the endpoints dict only
+    remat: bool = False  # recompute each block's activations in the backward pass
     dtype: Any = jnp.float32
 
     @property
@@ -139,8 +145,13 @@ class EfficientNet(nn.Module):
 
         blocks = self.blocks
         names = arch.endpoint_blocks(blocks)
+        # Per block (a later nn.scan over repeated blocks can wrap the same remat'd block).
+        # ``train`` (argument 2, counting self) is static: it chooses Python branches (batch or
+        # moving statistics, stochastic depth). Variables, rngs and names are lifted unchanged,
+        # so the parameter tree and the dropout draws do not depend on ``remat``.
+        block = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
         for spec in blocks:
-            x = MBConv(
+            x = block(
                 spec,
                 activation,
                 self.padding,

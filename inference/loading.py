@@ -182,10 +182,13 @@ def _load_workdir(
             f'{workdir} holds no finished checkpoint (looked in best/ and checkpoints/)'
         )
     variables = train_state.read_variables(step_dir, use_ema=use_ema)
-    # Inference build: float32, no BatchNorm groups (train=False uses the moving statistics).
+    # Inference build: float32, no BatchNorm groups (train=False uses the moving statistics),
+    # no remat (nothing is differentiated).
     with config.unlocked():
         config.model.compute_dtype = 'float32'
         config.model.bn_group_size = None
+        config.model.bn_tpu_cores = None
+        config.model.remat = False
         config.model.depthwise_impl = depthwise_impl
     module = config_resolve.build_model(config, classes)
     d = config.data

@@ -1,7 +1,8 @@
-"""Training speed: images/s of the whole training step and time to the first step.
+"""Training speed: images/s of the whole training step and time to the first step; with
+``--memory``, the step's device memory with and without remat.
 
     python scripts/benchmark_train.py [--model efficientnet-b0] [--batch 16] [--resolution 224]
-        [--dtype float32|bfloat16] [--steps 5] [--torch] [--json] [--cache-dir DIR]
+        [--dtype float32|bfloat16] [--steps 5] [--torch] [--json] [--cache-dir DIR] [--memory]
 
 Ours is the step ``train.py`` runs (wired by ``training.run.create_run``: forward and
 backward in training mode, label smoothing, L2 weight decay, TF1 RMSProp with the official
@@ -18,6 +19,20 @@ channels-last (its fastest CPU layout; AMP bfloat16 on CUDA with ``--dtype bfloa
 the default contiguous layout. Its step is forward, label-smoothed cross-entropy, backward,
 ``torch.optim.RMSprop`` (alpha 0.9, momentum 0.9, eps 1e-3, weight decay 1e-5) and an EMA
 update of parameters and buffers; its first step includes building the network.
+
+``--memory`` only compiles the same step (nothing runs, so it works for B7 at 600 px on a
+CPU), once with ``config.model.remat`` off and once on, and reports two figures per device:
+
+- ``peak``: XLA's memory analysis of the compiled step, ``argument_size_in_bytes`` (state and
+  batch) plus ``output_size_in_bytes`` (new state and metrics) less ``alias_size_in_bytes``
+  (the donated state's buffers reused for the new state, which would otherwise count twice)
+  plus ``temp_size_in_bytes`` (activations kept for the backward pass and other scratch): the
+  most the program can hold at once. ``temp`` is the part that grows with the batch.
+- ``residuals``: the bytes the forward pass hands to the backward pass (the values
+  ``jax.vjp`` of the training-mode model keeps, inputs and parameters not counted), before
+  any compiler: what remat removes, whatever backend compiles the step.
+
+Per-example figures divide by the examples on one device.
 """
 
 from __future__ import annotations
@@ -33,20 +48,18 @@ from benchmark_model import _time, benchmark_parser, report  # noqa: E402  (timi
 from training import allocator  # noqa: E402  (light: no jax, no torch)
 
 
-def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir: str) -> dict:
+def benchmark_run(name: str, batch: int, res: int, dtype: str, remat: bool = False):
+    """The run ``train.py`` would wire for this model and batch, with ImageNet's sizes."""
     import jax
-    import numpy as np
 
-    import efficientnet
     from configs import base
-    from training import compilation, config_resolve, sharding
+    from training import config_resolve
     from training import run as run_lib
 
-    compilation.enable_persistent_cache(cache_dir)
-    t0 = time.perf_counter()
     config = base.get_config()
     config.model.name = name
     config.model.compute_dtype = dtype
+    config.model.remat = remat
     config.data.resolution = res
     config.batch_size = batch
     # ImageNet's sizes: the schedule's step counts do not change the step's cost.
@@ -54,7 +67,19 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
     plan = config_resolve.resolve(
         config, device_count=jax.device_count(), dataset_info_fn=lambda _: imagenet
     )
-    run = run_lib.create_run(config, plan)
+    return run_lib.create_run(config, plan)
+
+
+def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir: str) -> dict:
+    import jax
+    import numpy as np
+
+    import efficientnet
+    from training import compilation, sharding
+
+    compilation.enable_persistent_cache(cache_dir)
+    t0 = time.perf_counter()
+    run = benchmark_run(name, batch, res, dtype)
     model, mesh, step = run.model, run.mesh, run.train_step
     state = run.init_state(0)
     rng = np.random.default_rng(0)
@@ -88,6 +113,80 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
         'programs_from_cache': compilation.cache_stats()['cache_hits'],
         'step_s': median,
         'train_img_s': batch / median,
+    }
+
+
+def residual_bytes(run, batch: int) -> int:
+    """Bytes the training-mode forward pass of ``run.model`` keeps for its backward pass (the
+    residuals of ``jax.vjp`` with respect to the parameters), from tracing alone."""
+    import jax
+
+    from training.config_resolve import COMPUTE_DTYPES
+
+    v = run.abstract_variables
+    res = run.config.data.resolution
+    dtype = COMPUTE_DTYPES[run.config.model.compute_dtype]  # the images the model receives
+    images = jax.ShapeDtypeStruct((batch, res, res, 3), dtype)
+
+    def forward(params, batch_stats, x):
+        return run.model.apply(
+            {'params': params, 'batch_stats': batch_stats},
+            x,
+            train=True,
+            rngs={'dropout': jax.random.key(0)},
+            mutable=['batch_stats'],
+        )[0]
+
+    def residuals(params, batch_stats, x):
+        _, vjp_fn = jax.vjp(lambda p: forward(p, batch_stats, x), params)
+        return jax.tree.leaves(vjp_fn)
+
+    jaxpr = jax.make_jaxpr(residuals)(v['params'], v['batch_stats'], images).jaxpr
+    inputs = set(jaxpr.invars)
+    kept = {x for x in jaxpr.outvars if not hasattr(x, 'val') and x not in inputs}  # no literals
+    return sum(x.aval.size * x.aval.dtype.itemsize for x in kept)
+
+
+def memory_jax(name: str, batch: int, res: int, dtype: str, remat: bool) -> dict:
+    """Compiles the train step for abstract inputs and reads its memory analysis, and counts
+    the autodiff residuals (see the module docstring for the fields)."""
+    import jax
+    import numpy as np
+
+    run = benchmark_run(name, batch, res, dtype, remat)
+    per_device = batch // jax.device_count()
+    residuals = residual_bytes(run, per_device)
+    images = jax.ShapeDtypeStruct((batch, res, res, 3), np.uint8)
+    labels = jax.ShapeDtypeStruct((batch,), np.int32)
+    t0 = time.perf_counter()
+    lowered = run.train_step.lower(run.abstract_state, {'image': images, 'label': labels})
+    m = lowered.compile().memory_analysis()
+    compile_s = time.perf_counter() - t0
+    mib = 2.0**20
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return {
+        'framework': 'jax',
+        'backend': jax.default_backend(),
+        'devices': jax.device_count(),
+        'model': name,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+        'remat': remat,
+        'compile_s': compile_s,
+        'argument_mib': m.argument_size_in_bytes / mib,
+        'output_mib': m.output_size_in_bytes / mib,
+        'alias_mib': m.alias_size_in_bytes / mib,
+        'temp_mib': m.temp_size_in_bytes / mib,
+        'peak_mib': peak / mib,
+        'peak_mib_per_example': peak / mib / per_device,
+        'temp_mib_per_example': m.temp_size_in_bytes / mib / per_device,
+        'residual_mib_per_example': residuals / mib / per_device,
     }
 
 
@@ -189,12 +288,27 @@ def main(argv=None) -> int:
         help='persistent compilation cache for one JAX run in this process '
         '(default: a cold and a warm run, each in a fresh process)',
     )
+    p.add_argument(
+        '--memory',
+        action='store_true',
+        help='compile the step with and without remat and report its memory analysis '
+        '(nothing runs; no timing)',
+    )
     args = p.parse_args(argv)
 
     import efficientnet
 
     name = efficientnet.arch.get_variant(args.model).name
     res = args.resolution or efficientnet.model_info(name)['resolution']
+    if args.memory:
+        results = [memory_jax(name, args.batch, res, args.dtype, r) for r in (False, True)]
+        results[1]['temp_vs_no_remat'] = results[1]['temp_mib'] / results[0]['temp_mib']
+        results[1]['peak_vs_no_remat'] = results[1]['peak_mib'] / results[0]['peak_mib']
+        results[1]['residuals_vs_no_remat'] = (
+            results[1]['residual_mib_per_example'] / results[0]['residual_mib_per_example']
+        )
+        report(results, args.json)
+        return 0
     if args.cache_dir:
         results = [bench_jax(name, args.batch, res, args.dtype, args.steps, args.cache_dir)]
     else:

@@ -1,5 +1,6 @@
 """Every config file and sweep under configs/, loaded as train.py loads it and resolved; the
-b0..b7 configs against the EfficientNet paper's table, written here as independent facts.
+b0..b7 configs against the EfficientNet paper's table, written here as independent facts, and
+their BatchNorm groups against the official TPU code's, reimplemented here from its source.
 
 No dataset is read: ``dataset_info`` below gives each dataset's sizes (the fake dataset's come
 from the config itself), and full-size models are traced with ``jax.eval_shape``, which
@@ -11,13 +12,15 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 import input_pipeline
+from efficientnet import layers
 from scripts import sweep
-from training.config_resolve import build_model, resolve
+from training.config_resolve import build_model, official_bn_group_size, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
@@ -61,6 +64,11 @@ DROP_PATH_RATE = 0.2
 # The augmentation each published checkpoint was trained with: AutoAugment, except the
 # RandAugment B5 and B7 (N=2 layers, magnitude M).
 RANDAUGMENT_MAGNITUDE = {'b5': 17, 'b7': 28}
+
+
+# The official runs: global batch 4096 on TPU v3, BatchNorm statistics over groups of at least
+# 8 cores, about 1024 images per group.
+OFFICIAL_BATCH, OFFICIAL_BN_GROUP = 4096, 1024
 
 
 def dataset_info(data) -> dict:
@@ -159,3 +167,58 @@ def test_variant_config_matches_the_paper(name):
     plan = resolve(config, device_count=DEVICE_COUNT, dataset_info_fn=dataset_info)
     assert plan.num_classes == 1000
     assert param_count(config, plan.num_classes) == params
+    assert plan.global_batch == OFFICIAL_BATCH
+    assert plan.bn_group_size == OFFICIAL_BN_GROUP
+    assert build_model(config, plan.num_classes).bn_group_size == OFFICIAL_BN_GROUP
+
+
+def official_tpu_batchnorm(x: np.ndarray, num_shards: int, epsilon: float = 1e-3) -> np.ndarray:
+    """The training-mode output of tensorflow/tpu's ``TpuBatchNormalization`` (EfficientNet's
+    utils.py, ``_moments`` and ``_cross_replica_average``) at scale 1 and offset 0, in numpy:
+    the batch is split evenly over ``num_shards`` cores; each core takes its own moments; on
+    more than 8 cores, replicas ``[[x for x in range(n) if x // k == y] for y in range(n // k)]``
+    with ``k = max(8, n // 8)`` average their means and mean squares (a cross-replica sum
+    divided by k), and the variance is E[x^2] - E[x]^2."""
+    shards = np.split(x.astype(np.float64), num_shards)
+    mean = [s.mean(axis=(0, 1, 2)) for s in shards]
+    var = [s.var(axis=(0, 1, 2)) for s in shards]
+    k = 1 if num_shards <= 8 else max(8, num_shards // 8)
+    if k > 1:
+        assert num_shards % k == 0
+        groups = [[i for i in range(num_shards) if i // k == y] for y in range(num_shards // k)]
+        group_of = {i: g for g in groups for i in g}
+        square = [v + m**2 for m, v in zip(mean, var)]
+        g_mean = [sum(mean[j] for j in group_of[i]) / k for i in range(num_shards)]
+        g_square = [sum(square[j] for j in group_of[i]) / k for i in range(num_shards)]
+        mean, var = g_mean, [sq - m**2 for m, sq in zip(g_mean, g_square)]
+    return np.concatenate([(s - m) / np.sqrt(v + epsilon) for s, m, v in zip(shards, mean, var)])
+
+
+@pytest.mark.parametrize(
+    'cores,batch',
+    [(32, OFFICIAL_BATCH), (32, 2048), (8, 64), (4, 32), (16, 256), (128, 1024)],
+)
+def test_batchnorm_groups_are_the_official_tpu_ones(cores, batch):
+    """``config.model.bn_tpu_cores`` with ``--config.batch_size``: the derived group
+    normalises a batch as the official code does on that slice, whatever the batch."""
+    config = load('b0.py', f'--config.batch_size={batch}', f'--config.model.bn_tpu_cores={cores}')
+    plan = resolve(config, device_count=DEVICE_COUNT, dataset_info_fn=dataset_info)
+    assert plan.global_batch == batch and plan.bn_group_size < batch
+    # Each core's examples drawn around their own mean, so the grouping shows in the output.
+    rng = np.random.default_rng(cores)
+    x = (
+        rng.normal(size=(batch, 1, 2, 3))
+        + np.repeat(rng.normal(size=cores) * 3, batch // cores)[:, None, None, None]
+    )
+    bn = layers.BatchNorm(use_running_average=False, group_size=plan.bn_group_size)
+    v = bn.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    ours, _ = bn.apply(v, jnp.asarray(x, jnp.float32), mutable=['batch_stats'])
+    np.testing.assert_allclose(ours, official_tpu_batchnorm(x, cores), rtol=1e-4, atol=1e-4)
+
+
+def test_official_rule_rejects_what_the_official_code_rejects():
+    assert official_bn_group_size(OFFICIAL_BATCH, 32) == OFFICIAL_BN_GROUP
+    with pytest.raises(ValueError, match='does not split evenly over 3 TPU cores'):
+        official_bn_group_size(4096, 3)
+    with pytest.raises(ValueError, match='100 TPU cores do not split into groups of 12'):
+        official_bn_group_size(3200, 100)

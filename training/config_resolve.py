@@ -44,6 +44,7 @@ class RunPlan:
     micro_batch: int  # examples per train-step call (global)
     local_micro_batch: int  # per process
     eval_batch: int
+    bn_group_size: int | None  # examples per BatchNorm statistics group; None: the whole batch
     normalization: str  # config.data.normalization, else the variant's own
     learning_rate: float
     steps_per_epoch: int
@@ -92,6 +93,63 @@ def _check_paths(errors: list[str], config: Any, workdir: str | None) -> None:
             ('config.data.fashion_mnist_dir', d.get('fashion_mnist_dir')),
         ]
     )
+
+
+def official_bn_group_size(batch_size: int, tpu_cores: int) -> int:
+    """Examples per BatchNorm statistics group in the official TPU implementation, for a
+    global batch of ``batch_size`` split evenly over ``tpu_cores`` cores.
+
+    That code normalises each core's examples alone on slices of 8 cores or fewer; on larger
+    slices it averages the statistics over groups of ``max(8, cores // 8)`` consecutive cores.
+    Raises ValueError for a topology the official code rejects.
+    """
+    if not (_positive_int(batch_size) and _positive_int(tpu_cores)):
+        raise ValueError(f'need positive ints, got batch {batch_size!r}, cores {tpu_cores!r}')
+    if batch_size % tpu_cores:
+        raise ValueError(f'batch {batch_size} does not split evenly over {tpu_cores} TPU cores')
+    cores_per_group = 1 if tpu_cores <= 8 else max(8, tpu_cores // 8)
+    if tpu_cores % cores_per_group:
+        raise ValueError(f'{tpu_cores} TPU cores do not split into groups of {cores_per_group}')
+    return cores_per_group * (batch_size // tpu_cores)
+
+
+def bn_group_size(config: Any) -> int | None:
+    """Examples per BatchNorm statistics group: ``config.model.bn_group_size`` when set, else
+    the official TPU groups for ``config.model.bn_tpu_cores`` at ``config.batch_size``, else
+    None (the whole batch). The one place the group is derived; ``resolve`` checks it."""
+    m = config.model
+    if m.bn_group_size is not None:
+        return m.bn_group_size
+    cores = m.get('bn_tpu_cores')  # absent in the config.json of older runs
+    return None if cores is None else official_bn_group_size(config.batch_size, cores)
+
+
+def _check_bn_group(errors: list[str], config: Any, micro: int) -> None:
+    """The BatchNorm group, chosen or derived, must split the batch of every step."""
+    m = config.model
+    try:
+        g = bn_group_size(config)
+    except ValueError as e:
+        errors.append(
+            f'config.model.bn_tpu_cores={m.bn_tpu_cores!r}: {e}; choose a slice that splits '
+            'config.batch_size evenly, or set config.model.bn_group_size'
+        )
+        return
+    if m.bn_group_size is not None or g is None:
+        _check(
+            errors,
+            g is None or (_positive_int(g) and micro % g == 0),
+            f'config.model.bn_group_size={g} must be a positive divisor of the batch per step '
+            f'({micro})',
+        )
+    else:
+        _check(
+            errors,
+            micro % g == 0,
+            f'the BatchNorm group of {g} examples (config.model.bn_tpu_cores={m.bn_tpu_cores} '
+            f'at config.batch_size={config.batch_size}) does not divide the batch per step '
+            f'({micro}); set config.model.bn_group_size to a divisor of it',
+        )
 
 
 def resolve(
@@ -211,13 +269,7 @@ def resolve(
                 micro % process_count == 0,
                 f'the batch per step ({micro}) is not divisible by the {process_count} processes',
             )
-            g = c.model.bn_group_size
-            _check(
-                errors,
-                g is None or (_positive_int(g) and micro % g == 0),
-                f'config.model.bn_group_size={g} must be a positive divisor of the batch per '
-                f'step ({micro})',
-            )
+            _check_bn_group(errors, c, micro)
     if _positive_int(eval_batch):
         _check(
             errors,
@@ -276,6 +328,7 @@ def resolve(
         micro_batch=micro,
         local_micro_batch=micro // process_count,
         eval_batch=eval_batch,
+        bn_group_size=bn_group_size(c),
         normalization=c.data.normalization or arch.get_variant(m.name).normalization,
         learning_rate=o.base_learning_rate * c.batch_size / 256.0,
         steps_per_epoch=steps_per_epoch,
@@ -300,8 +353,9 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
         resolution=config.data.resolution,
         dropout_rate=m.dropout_rate,
         drop_path_rate=m.drop_path_rate,
-        bn_group_size=m.bn_group_size,
+        bn_group_size=bn_group_size(config),
         depthwise_impl=m.depthwise_impl,
+        remat=m.get('remat', False),  # absent in the config.json of older runs
     )
 
 
