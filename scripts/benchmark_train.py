@@ -70,6 +70,21 @@ def benchmark_run(name: str, batch: int, res: int, dtype: str, remat: bool = Fal
     return run_lib.create_run(config, plan)
 
 
+def _jax_row(name: str, batch: int, res: int, dtype: str) -> dict:
+    """The fields every JAX result row starts with: what ran, and on what."""
+    import jax
+
+    return {
+        'framework': 'jax',
+        'backend': jax.default_backend(),
+        'devices': jax.device_count(),
+        'model': name,
+        'batch': batch,
+        'resolution': res,
+        'dtype': dtype,
+    }
+
+
 def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir: str) -> dict:
     import jax
     import numpy as np
@@ -100,14 +115,8 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, cache_dir
 
     median = _time(one_step, steps)  # one warm-up call, then the median
     return {
-        'framework': 'jax',
+        **_jax_row(name, batch, res, dtype),
         'allocator': allocator.name(),
-        'backend': jax.default_backend(),
-        'devices': jax.device_count(),
-        'model': name,
-        'batch': batch,
-        'resolution': res,
-        'dtype': dtype,
         'depthwise': efficientnet.layers.resolve_depthwise_impl('auto', model.dtype),
         'time_to_first_step_s': first,
         'programs_from_cache': compilation.cache_stats()['cache_hits'],
@@ -170,13 +179,7 @@ def memory_jax(name: str, batch: int, res: int, dtype: str, remat: bool) -> dict
         + m.temp_size_in_bytes
     )
     return {
-        'framework': 'jax',
-        'backend': jax.default_backend(),
-        'devices': jax.device_count(),
-        'model': name,
-        'batch': batch,
-        'resolution': res,
-        'dtype': dtype,
+        **_jax_row(name, batch, res, dtype),
         'remat': remat,
         'compile_s': compile_s,
         'argument_mib': m.argument_size_in_bytes / mib,
