@@ -31,10 +31,10 @@ setup-tpu setup-cuda:
 	@if [ $@ = setup-cuda ] && [ "$(CUDA)" != 12 ] && [ "$(CUDA)" != 13 ]; then echo "make \
 	setup-cuda: CUDA=$(CUDA) is neither 12 nor 13; pass the CUDA major version your driver supports \
 	(nvidia-smi's header), e.g. make setup-cuda CUDA=13" >&2; exit 2; fi
+	@py=$(BIN)/python; test -x $$py || py=$(PY); $$py -c 'import sys; sys.exit(sys.version_info < \
+	(3, 11))' || { echo "make $@: $$py is $$($$py -V 2>&1), jax 0.10.2 needs Python 3.11 or newer; \
+	rerun with PY=python3.11 (or newer), after rm -r $(VENV) if it holds the old one" >&2; exit 2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make $@: \
-	$(VENV) has $$($(BIN)/python -V 2>&1) but jax 0.10.2 needs Python 3.11 or newer; rm -r $(VENV) \
-	and rerun with PY=python3.11 (or newer)" >&2; exit 2; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-$(if $(filter setup-tpu,$@),tpu,cuda$(CUDA)).txt
 
