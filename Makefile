@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: data setup tcmalloc test test-fast quickstart lint format bench summary clean
+.PHONY: data setup setup-tpu setup-cuda check-accel-reqs tcmalloc test test-fast quickstart lint \
+  format bench summary clean
 
 setup: $(STAMP) tcmalloc
 
@@ -22,6 +23,24 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m efficientnet.cpu_kernels || echo 'warning: CPU kernels not built; the unrolled XLA form will be used'
 	touch $(STAMP)
+
+# Accelerator installs (docs/launch.md): the runtime set of requirements.txt plus jax's TPU runtime
+# or its CUDA 12/13 plugin at the same jax version; no tests, oracles or CPU kernels.
+CUDA ?= 12
+setup-tpu setup-cuda:
+	@if [ $@ = setup-cuda ] && [ "$(CUDA)" != 12 ] && [ "$(CUDA)" != 13 ]; then echo "make \
+	setup-cuda: CUDA=$(CUDA) is neither 12 nor 13; pass the CUDA major version your driver supports \
+	(nvidia-smi's header), e.g. make setup-cuda CUDA=13" >&2; exit 2; fi
+	@py=$(BIN)/python; test -x $$py || py=$(PY); $$py -c 'import sys; sys.exit(sys.version_info < \
+	(3, 11))' || { echo "make $@: $$py is $$($$py -V 2>&1), jax 0.10.2 needs Python 3.11 or newer; \
+	rerun with PY=python3.11 (or newer), after rm -r $(VENV) if it holds the old one" >&2; exit 2; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-$(if $(filter setup-tpu,$@),tpu,cuda$(CUDA)).txt
+
+# CI: the accelerator sets resolve (all pins exist and agree) without downloading the CUDA wheels.
+check-accel-reqs: setup
+	.ci/check-accel-requirements $(BIN)/python
 
 # tcmalloc makes CPU training steps faster (training/allocator.py, docs/benchmarks.md); optional.
 tcmalloc:

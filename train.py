@@ -7,8 +7,9 @@ checkpoints.
 The workdir (checkpoints, config.json, TensorBoard events, data-iterator states) may be local or
 gs://; process 0 writes the shared files, every process reads them.
 
-Multi-process: on TPU pods jax.distributed initialises itself; on GPU clusters (and local tests)
-pass --coordinator_address=host:port --num_processes=N --process_id=i on every process.
+Multi-process (docs/launch.md): on Cloud TPU VMs jax.distributed finds the slice itself; on GPU
+clusters (and local tests) pass --coordinator_address=host:port --num_processes=N --process_id=i
+on every process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if __name__ == '__main__':  # before the heavy imports: may re-execute under tcm
 
     use_tcmalloc()
 
+import importlib.util
 import logging as py_logging
 import os
 import signal
@@ -321,12 +323,15 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     return {**last_eval, 'step': step}
 
 
-def main(argv: list[str]) -> None:
-    started = time.time()
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError('--config and --workdir are required')
+def _initialize_distributed() -> None:
+    """Joins the other processes of a multi-process run, before anything touches a device.
+
+    The flags name the coordinator (GPU clusters, local runs). Without them, on Cloud TPU jax
+    finds the slice itself: on GKE (and under launchers that export it) from environment
+    variables, on a GCE TPU VM only from the VM's metadata server, so wherever libtpu is
+    installed jax is asked. A single-host TPU VM becomes a run of one process; where jax finds no
+    slice (libtpu on a machine without TPUs) the run stays one process.
+    """
     if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
@@ -334,11 +339,24 @@ def main(argv: list[str]) -> None:
             process_id=FLAGS.process_id,
         )
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
-        jax.distributed.initialize()  # TPU pod: everything comes from the environment
-    import tensorflow as tf  # the input pipeline must not take GPU/TPU memory
+        jax.distributed.initialize()  # GKE, or a launcher that exports the slice
+    elif importlib.util.find_spec('libtpu') is not None:
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # jax's "coordinator_address should be defined": no TPU slice
+            logging.info('no TPU slice found (%s): running as one process', e)
 
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
+
+def main(argv: list[str]) -> None:
+    started = time.time()
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError('--config and --workdir are required')
+    _initialize_distributed()
+    from input_pipeline.pipeline import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()  # the input pipeline must not take GPU/TPU memory
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     compilation.enable_persistent_cache(FLAGS.config.compilation_cache_dir)

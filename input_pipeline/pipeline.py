@@ -42,12 +42,15 @@ _EPOCH_SALT, _EXAMPLE_SALT, _BATCH_SALT = 0x5EED0001, 0x5EED0002, 0x5EED0003
 
 
 def hide_accelerators_from_tensorflow() -> None:
-    """TF only runs the input pipeline: keep it off the GPUs (their memory belongs to JAX)."""
-    try:
-        tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError:  # TF already initialised its devices; check none is a GPU in use
-        if tf.config.get_visible_devices('GPU'):
-            logger.warning('TensorFlow was initialised with GPUs visible before the pipeline')
+    """TF only runs the input pipeline: keep it off the GPUs and TPUs (they belong to JAX)."""
+    for kind in ('GPU', 'TPU'):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except RuntimeError:  # TF already initialised its devices; check none is in use
+            if tf.config.get_visible_devices(kind):
+                logger.warning(
+                    'TensorFlow was initialised with %ss visible before the pipeline', kind
+                )
 
 
 def _options() -> tf.data.Options:

@@ -177,6 +177,14 @@ def assert_float_parity(out: dict, ref: np.ndarray, what: str) -> None:
     np.testing.assert_array_equal(out['logits'].argmax(-1), ref.argmax(-1))
 
 
+# jax 0.11 serialises the StableHLO module for newer readers than the XlaCallModule op of TF 2.21
+# (the newest TF on PyPI): TF cannot deserialise its shape-assertion custom call. jax 0.10.2, the
+# pinned version, exports SavedModels that TF 2.21 runs (docs/export.md).
+@pytest.mark.xfail(
+    jax.__version_info__ >= (0, 11),
+    reason='jax >= 0.11 writes StableHLO that TF 2.21 cannot read',
+    strict=True,
+)
 def test_savedmodel_matches_jax(trained, tmp_path):
     path = ex.export_savedmodel(trained['model'], trained['variables'], tmp_path / 'sm')
     import tensorflow as tf
