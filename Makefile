@@ -51,11 +51,15 @@ tcmalloc:
 # The tests run under tcmalloc too when it is installed (EFFICIENTNET_TCMALLOC=0: not).
 TCMALLOC = $(shell $(BIN)/python -c 'from training import allocator as a; print(a.find_tcmalloc() if a.enabled() else "")')
 
+# Two pytest workers (pytest-xdist), each taking whole files; PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: setup
-	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m pytest $(XDIST) -m 'not slow' $(PYTEST_ARGS)
 
 # Trains configs/quickstart.py on Fashion-MNIST (offline, CPU); the last line is the test top-1.
 QUICKSTART_WORKDIR ?= workdirs/quickstart

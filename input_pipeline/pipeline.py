@@ -22,6 +22,7 @@ within a process's batch, so it alone depends on the process count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -86,6 +87,24 @@ def _mixed_seed(*parts: int) -> tf.Tensor:
     return tf.constant([int(key) % 2**63, parts[-1]], tf.int64)
 
 
+@contextlib.contextmanager
+def _independent_of_global_tf_seed():
+    """tf.data's `shuffle(seed=s)` draws from (global seed, s) when a global TF seed is set
+    (`tf.random.set_seed`, `keras.utils.set_random_seed`) and from (TF's default, s) otherwise,
+    so the same config gave another example order in a process whose user or library had set
+    one. The epoch shuffles are built with no global seed; the caller's seed is put back (which,
+    as `tf.random.set_seed` always does, restarts its sequence of op seeds)."""
+    global_seed = tf.compat.v1.get_seed(None)[0]
+    if global_seed is None:
+        yield
+        return
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(global_seed)
+
+
 def _augment_fn(config):
     name = cfg_get(config, 'augment', 'none') or 'none'
     if name == 'none':
@@ -144,7 +163,8 @@ def build_train_dataset(config: Any, order: TrainOrder, start_step: int = 0) -> 
         )
         return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    with _independent_of_global_tf_seed():  # flat_map traces `epoch`, hence the shuffle, here
+        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     ds = ds.enumerate(start=first_epoch * n).skip(skip)
     if processes_in_stream > 1:  # this process's rows of each global batch
         ds = ds.filter(

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import input_pipeline
 from input_pipeline import pipeline
@@ -149,6 +150,21 @@ def test_same_seed_same_batches_and_resume(imagenet):
     fresh = input_pipeline.create_train_iterator(config, **kwargs)
     fresh.set_state(state)
     assert_same_batches(take(fresh, 4), full[4:])
+
+
+def test_order_does_not_depend_on_a_global_tf_seed(imagenet):
+    """A process that set TF's global seed (as Keras's set_random_seed does) gets the same
+    batches as one that did not, and keeps its own seed."""
+    config = imagenet_config(imagenet)
+    kwargs = dict(global_batch_size=4, seed=7)
+    plain = take(input_pipeline.create_train_iterator(config, **kwargs), 6)
+    tf.random.set_seed(123)
+    try:
+        seeded = take(input_pipeline.create_train_iterator(config, **kwargs), 6)
+        assert tf.compat.v1.get_seed(None)[0] == 123
+    finally:
+        tf.random.set_seed(None)
+    assert_same_batches(seeded, plain)
 
 
 def test_set_state_refuses_a_different_run(imagenet):
