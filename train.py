@@ -19,7 +19,6 @@ if __name__ == '__main__':  # before the heavy imports: may re-execute under tcm
 
     use_tcmalloc()
 
-import importlib.util
 import logging as py_logging
 import os
 import signal
@@ -34,7 +33,9 @@ from absl import app, flags, logging
 from clu import metric_writers
 from ml_collections import config_flags
 
-from training import allocator, compilation, config_resolve, data, sharding
+import configs
+from efficientnet import cli
+from training import allocator, compilation, config_resolve, data, distributed, sharding
 from training import checkpoint as ckpt_lib
 from training import run as run_lib
 from training.metrics import EvalAccumulator
@@ -47,6 +48,13 @@ flags.DEFINE_string(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process).')
+flags.DEFINE_integer(
+    'heartbeat_timeout',
+    distributed.HEARTBEAT_TIMEOUT_S,
+    'Seconds without a heartbeat after which a process of a multi-process run counts as dead '
+    'and the others stop (multi-process).',
+)
+flags.DEFINE_bool('verbose', False, cli.VERBOSE_HELP)
 
 
 class _Preemption:
@@ -110,15 +118,15 @@ def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, byt
         pre = ckpt_lib.load_pretrained(config.init_from)
         params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
         stats, fresh_bs = ckpt_lib.merge_pretrained(state.batch_stats, pre['batch_stats'])
-        # Only the classifier may differ (another class count); anything else means weights of
-        # another model, which would silently train from scratch.
-        foreign = [k for k in fresh + fresh_bs if "'classifier'" not in k]
+        # config_resolve checked this before anything compiled; the file may have changed since.
+        foreign = ckpt_lib.untransferable(
+            {'params': state.params, 'batch_stats': state.batch_stats}, pre
+        )
         if foreign:
-            raise ValueError(
-                f'config.init_from={config.init_from!r} does not fit config.model '
-                f'({config.model.name}, width={config.model.width}, depth={config.model.depth})'
-                f': {len(foreign)} tensors are missing or of another shape, e.g. '
-                f'{", ".join(foreign[:3])}. Only the classifier may differ.'
+            raise config_resolve.ConfigError(
+                f'config.init_from={config.init_from!r} does not fit config.model: '
+                f'{len(foreign)} tensors are missing or of another shape, e.g. '
+                f'{", ".join(foreign[:3])}; only the classifier may differ'
             )
         copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
         state = state.replace(
@@ -323,37 +331,36 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     return {**last_eval, 'step': step}
 
 
-def _initialize_distributed() -> None:
-    """Joins the other processes of a multi-process run, before anything touches a device.
-
-    The flags name the coordinator (GPU clusters, local runs). Without them, on Cloud TPU jax
-    finds the slice itself: on GKE (and under launchers that export it) from environment
-    variables, on a GCE TPU VM only from the VM's metadata server, so wherever libtpu is
-    installed jax is asked. A single-host TPU VM becomes a run of one process; where jax finds no
-    slice (libtpu on a machine without TPUs) the run stays one process.
-    """
-    if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'):
-        jax.distributed.initialize()  # GKE, or a launcher that exports the slice
-    elif importlib.util.find_spec('libtpu') is not None:
-        try:
-            jax.distributed.initialize()
-        except ValueError as e:  # jax's "coordinator_address should be defined": no TPU slice
-            logging.info('no TPU slice found (%s): running as one process', e)
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but every bad flag is reported together, one line each (absl stops
+    at the first with a fatal message; an unknown config key gave chained tracebacks)."""
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - flags.Error, and what config_flags lets through
+        error = e
+    args = argv[1:]
+    spec = next((a.split('=', 1)[1] for a in args if a.startswith('--config=')), None)
+    overrides = [a for a in args if a.startswith(('--config.', '--noconfig.'))]
+    problems = configs.override_problems(spec, overrides) if spec else []
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    keys = [a.split('=', 1)[0].split('.', 1)[1] for a in overrides]
+    if not problems or not any(k in first for k in ['config', *keys]):
+        problems.append(first)  # a flag of train.py's own, which the config check cannot see
+    raise cli.UserError(cli.format_problems('bad command line', problems))
 
 
 def main(argv: list[str]) -> None:
     started = time.time()
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+        raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
     if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError('--config and --workdir are required')
-    _initialize_distributed()
+        raise cli.UserError('--config=FILE and --workdir=DIR are required')
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        heartbeat_timeout_s=FLAGS.heartbeat_timeout,
+    )
     from input_pipeline.pipeline import hide_accelerators_from_tensorflow
 
     hide_accelerators_from_tensorflow()  # the input pipeline must not take GPU/TPU memory
@@ -370,9 +377,11 @@ def main(argv: list[str]) -> None:
     )
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
-    except config_resolve.ConfigError as e:  # bad input: its message, not a traceback
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(1)  # the status an uncaught error gave before
+    except jax.errors.JaxRuntimeError:
+        # A collective or barrier failed: if a peer died, say which and exit (within the
+        # heartbeat timeout) rather than with this bare transport error.
+        distributed.wait_for_lost_peer()
+        raise
     if 'preempted_at_step' in result:
         print(
             f'Preempted: saved at step {result["preempted_at_step"]}; rerun the same command '
@@ -388,5 +397,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-    flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    # Bad input (flags, config, paths) ends with one line and exit status 2; --verbose adds the
+    # traceback (efficientnet/cli.py).
+    sys.exit(cli.run(lambda argv: app.run(main, argv=argv, flags_parser=_parse_flags)))

@@ -12,8 +12,9 @@ side (or the workdir's crop fraction), bicubic resize (bilinear for Lite), the f
 normalisation; ``--resolution``, ``--crop-fraction``, ``--interpolation`` and
 ``--normalization`` override it. Batches come from ``input_pipeline.create_eval_iterator``,
 padded and masked, and are split over all local devices when the batch divides evenly.
-Prints top-1 / top-5 / loss / count and writes them as JSON with ``--output``. Exit status 1
-with ``error: ...`` on bad input (missing weights or data, mismatched class counts).
+Prints top-1 / top-5 / loss / count and writes them as JSON with ``--output``. Bad input
+(missing weights or data, a refused unsafe pickle, mismatched class counts, a bad flag) ends
+with one line ``error: ...`` and exit status 2; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from efficientnet import cli  # noqa: E402
 from inference.cli import SOURCE_HELP, add_weights_arguments  # noqa: E402
 
 DATASET_HELP = (
@@ -34,12 +36,12 @@ DATASET_HELP = (
 )
 
 
-class UsageError(Exception):
-    """Bad input: reported as 'error: ...' with exit status 1, no traceback."""
+class UsageError(cli.UserError):
+    """Bad input: reported as 'error: ...' with exit status 2, no traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog='python scripts/eval.py',
         description='Top-1/top-5 of EfficientNet weights on a dataset split (exact: every '
         'example counted once).',
@@ -182,12 +184,8 @@ def evaluate(loaded, data, batch_size: int, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    """0 on success; 2 after one line ``error: ...`` on bad input (efficientnet/cli.py)."""
+    return cli.run(lambda a: run(parse_args(a)), argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,10 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise UsageError('\n  '.join(bad))
 
-    try:
-        loaded = load_model_for_tool(args.source, args)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from e
+    loaded = load_model_for_tool(args.source, args)
     if loaded.num_classes == 0:
         raise UsageError(f'{args.source} has no classifier (a backbone); nothing to evaluate')
     overrides = {

@@ -19,7 +19,8 @@ held out for ``--check``. ``--check`` runs the exported file with its own runtim
 interpreter, onnxruntime) beside the JAX model: float exports must match within
 ``FLOAT_TOLERANCE`` of the largest logit (on the held-out images, else on random images), int8
 must agree on top-1 for at least ``INT8_MIN_AGREEMENT`` of the held-out images; exit status 1
-otherwise. Bad input (missing weights, weights of another variant) exits 2 with ``error: ...``.
+otherwise. Bad input (missing weights, weights of another variant, a refused unsafe pickle, a
+bad flag) exits 2 after one line ``error: ...``; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -31,20 +32,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from efficientnet import cli  # noqa: E402
+
 FORMATS = ('savedmodel', 'tflite', 'tflite-int8', 'onnx')
 FLOAT_TOLERANCE = 1e-4  # max |logit diff| / max |logit|; measured ~1e-6 (docs/export.md)
 INT8_MIN_AGREEMENT = 0.95
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
-class UsageError(Exception):
+class UsageError(cli.UserError):
     """Bad input: reported as 'error: ...' with exit status 2, no traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from efficientnet.normalization import NORMALIZATIONS
 
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog='python scripts/export.py',
         description='Export EfficientNet weights to SavedModel, TFLite (float/int8) or ONNX.',
     )
@@ -196,6 +199,11 @@ def check(args: argparse.Namespace, loaded, images) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 on success, 1 when ``--check`` fails, 2 after one line ``error: ...`` on bad input."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     from efficientnet import paths
@@ -236,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             f'{loaded.normalization} normalisation) from {args.source}'
         )
         export(args, loaded, resolution, calibration)
-    except (FileNotFoundError, ValueError, UsageError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except ValueError as e:  # weights of another variant, an unknown name: the user's input
+        raise UsageError(str(e)) from e
     print(f'wrote {args.fmt} to {args.output} in {time.time() - start:.1f} s')
     if not args.check:
         return 0

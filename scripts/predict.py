@@ -12,8 +12,9 @@ weights expect. Class names: ImageNet-1k's for 1000-class ImageNet weights
 names, Fashion-MNIST's), else class_<i>.
 
 An image that cannot be read or decoded is reported as ``error: PATH: reason`` on stderr and
-the others are still predicted. Exit status: 0 when at least one image was predicted, 1 when
-none was (every image failed) or the weights could not be loaded.
+the others are still predicted. Exit status: 0 when at least one image was predicted; 2 when
+none was (every image failed), or on bad input (weights missing or refused as an unsafe
+pickle, a bad flag), after one line ``error: ...`` (``--verbose`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from efficientnet import cli  # noqa: E402
 from inference.cli import SOURCE_HELP, add_weights_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog='python scripts/predict.py',
         description='Prints the top classes with probabilities for each image.',
     )
@@ -110,29 +112,24 @@ def predict(loaded, paths: list[str], top: int) -> tuple[list[dict], list[tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when an image was predicted; 2 after one line ``error: ...`` otherwise."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.top < 1:
-        print(f'error: --top must be positive, got {args.top}', file=sys.stderr)
-        return 1
+        raise cli.UserError(f'--top must be positive, got {args.top}')
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     from efficientnet import paths
     from inference.cli import load_model_for_tool
 
     bad = paths.problems([('--weights', args.weights)])
     if bad:
-        print(f'error: {bad[0]}', file=sys.stderr)
-        return 1
-    try:
-        loaded = load_model_for_tool(args.weights, args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        raise cli.UserError(bad[0])
+    loaded = load_model_for_tool(args.weights, args)
     if loaded.num_classes == 0:
-        print(
-            f'error: {args.weights} has no classifier (a backbone); nothing to predict',
-            file=sys.stderr,
-        )
-        return 1
+        raise cli.UserError(f'{args.weights} has no classifier (a backbone); nothing to predict')
     results, failed = predict(loaded, args.images, args.top)
     for path, reason in failed:
         print(f'error: {path}: {reason}', file=sys.stderr)
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             f'{len(results)} of {len(args.images)} images predicted, {len(failed)} failed',
             file=sys.stderr,
         )
-    return 0 if results else 1
+    return 0 if results else cli.EXIT_USER_ERROR
 
 
 if __name__ == '__main__':

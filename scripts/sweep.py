@@ -18,10 +18,8 @@ settings is reported as a failure, never resumed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -39,7 +37,9 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # configs import `configs.base`, sweeps `configs.sweeps`
 
-from efficientnet import paths  # noqa: E402
+import configs  # noqa: E402
+from configs import key_problem  # noqa: E402
+from efficientnet import cli, paths  # noqa: E402
 
 TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
 RUN_FILE = 'sweep_run.json'  # written when a run starts: its settings
@@ -49,7 +49,7 @@ FINAL_LINE_PREFIX = 'Final eval top-1'
 _MAX_NAME = 200
 
 
-class SweepError(ValueError):
+class SweepError(cli.UserError, ValueError):
     """A sweep that cannot start: bad sweep file, unknown key, wrong value type."""
 
 
@@ -94,32 +94,9 @@ def load_sweep(path: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- checking
 
 
-def _all_keys(config: Any, prefix: str = '') -> list[str]:
-    keys = []
-    for k, v in config.items():
-        keys.append(prefix + k)
-        if hasattr(v, 'items'):
-            keys += _all_keys(v, prefix + k + '.')
-    return keys
-
-
-def _check_key(config: Any, key: str) -> str | None:
-    """Why ``key`` names no single field of ``config``, or None if it does."""
-    node = config
-    for part in key.split('.'):
-        if not hasattr(node, 'items') or part not in node:
-            close = difflib.get_close_matches(key, _all_keys(config), n=3)
-            hint = f' (did you mean {", ".join(close)}?)' if close else ''
-            return f'unknown config key {key!r}{hint}'
-        node = node[part]
-    if hasattr(node, 'items'):
-        return f'{key!r} is a group of fields, not one field; override its fields'
-    return None
-
-
 def _apply(config: Any, key: str, value: Any) -> str | None:
     """Sets ``key`` on the locked ``config`` (which checks the type); returns a problem or None."""
-    problem = _check_key(config, key)
+    problem = key_problem(config, key)
     if problem:
         return problem
     if value is not None and not isinstance(value, (bool, int, float, str)):
@@ -136,13 +113,21 @@ def _apply(config: Any, key: str, value: Any) -> str | None:
 
 
 def check_overrides(
-    config: Any, trials: Sequence[dict[str, Any]], fixed_keys: Sequence[str] = ()
+    config: Any,
+    trials: Sequence[dict[str, Any]],
+    fixed_keys: Sequence[str] = (),
+    fixed_args: Sequence[str] = (),
+    config_spec: str | None = None,
 ) -> None:
     """Applies every run's overrides to a copy of the locked config and checks the keys given
-    on the command line (``fixed_keys``, whose string values train.py parses). Raises
+    on the command line (``fixed_keys``; with ``config_spec``, their ``--config.key=value``
+    arguments ``fixed_args`` are parsed as train.py will parse them, values included). Raises
     SweepError listing every unknown key, ill-typed value and clashing name, before anything
     runs."""
-    problems = [p for p in (_check_key(config, k) for k in fixed_keys) if p]
+    if config_spec is not None:
+        problems = configs.override_problems(config_spec, list(fixed_args))
+    else:
+        problems = [p for p in (key_problem(config, k) for k in fixed_keys) if p]
     for i, trial in enumerate(trials):
         trial_config = copy.deepcopy(config)
         for key, value in trial.items():
@@ -160,7 +145,7 @@ def check_overrides(
             problems.append(f'runs {names[name]} and {trial} get the same workdir name {name!r}')
         names[name] = trial
     if problems:
-        raise SweepError('sweep not started:\n  - ' + '\n  - '.join(problems))
+        raise SweepError(cli.format_problems('sweep not started', problems))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -365,7 +350,13 @@ def _parse_fixed(extra: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """The sweep's exit status: 0 when every run finished, 1 when one failed, 2 (after one line
+    ``error: ...``) when the sweep could not start: bad flags, sweep file or overrides."""
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = cli.ArgumentParser(
         description=__doc__.split('\n\n')[0],
         epilog='Other arguments of the form --config.key=value apply to every run.',
     )
@@ -380,14 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         help='print one train.py command per run instead of running them',
     )
     ns, extra = parser.parse_known_args(argv)
-    try:
-        fixed = _parse_fixed(extra)
-        config = load_config(ns.config)
-        trials = load_sweep(ns.sweep)
-        check_overrides(config, trials, list(fixed))
-    except SweepError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    fixed = _parse_fixed(extra)
+    config = load_config(ns.config)
+    trials = load_sweep(ns.sweep)
+    check_overrides(config, trials, list(fixed), extra, config_spec=ns.config)
     if ns.print_commands:
         for trial in trials:
             workdir = os.path.join(ns.workdir, run_name(trial))
@@ -395,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = paths.problems([('--workdir', ns.workdir)])
     if bad:
-        print(f'error: {bad[0]}', file=sys.stderr)
-        return 2
+        raise SweepError(bad[0])
     paths.as_path(ns.workdir).mkdir(parents=True, exist_ok=True)
     return 1 if run_sweep(ns.config, ns.workdir, fixed, trials) else 0
 

@@ -186,30 +186,30 @@ def test_eval_bad_data(tiny10, tmp_path, capsys):
     path, _ = tiny10
     rc = eval_script.main([path, '--dataset', 'imagenet2012', '--data-dir', str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith('error: tfds dataset imagenet2012 is not prepared')
+    assert rc == 2 and err.startswith('error: tfds dataset imagenet2012 is not prepared')
     assert 'https://image-net.org' in err and 'tfds build imagenet2012' in err
     (tmp_path / 'no_images' / 'a').mkdir(parents=True)
     (tmp_path / 'no_images' / 'b').mkdir()
     rc = eval_script.main([path, '--dataset', 'folder', '--folder', str(tmp_path / 'no_images')])
-    assert rc == 1 and 'has no examples in split' in capsys.readouterr().err
+    assert rc == 2 and 'has no examples in split' in capsys.readouterr().err
     rc = eval_script.main([path, '--dataset', 'folder'])
-    assert rc == 1 and '--dataset folder needs --folder' in capsys.readouterr().err
+    assert rc == 2 and '--dataset folder needs --folder' in capsys.readouterr().err
 
 
 def test_eval_command_line_errors(tiny10, tmp_path):
     path, _ = tiny10
     missing = run_script('eval.py', str(tmp_path / 'gone.msgpack'))
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert missing.stderr.strip().endswith(
         f'error: weights not found: {tmp_path}/gone.msgpack (no such file or directory)'
     )
     wrong = run_script('eval.py', path, '--model', 'b0')
-    assert wrong.returncode == 1
+    assert wrong.returncode == 2
     assert 'error: loading msgpack weights' in wrong.stderr
     assert "model='b0' but the file holds efficientnet-tiny" in wrong.stderr
     (tmp_path / 'empty').mkdir()
     empty = run_script('eval.py', path, '--dataset', 'folder', '--folder', str(tmp_path / 'empty'))
-    assert empty.returncode == 1 and 'has no class subfolders' in empty.stderr
+    assert empty.returncode == 2 and 'has no class subfolders' in empty.stderr
     for result in (missing, wrong, empty):
         assert 'Traceback' not in result.stderr
 
@@ -284,7 +284,7 @@ def test_predict_text_output_and_all_failing(colour_classifier, tmp_path, capsys
         [str(tmp_path / 'empty.png'), str(tmp_path / 'absent.jpg'), '--weights', weights, *XLA]
     )
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # no image predicted: bad input
     assert f'error: {tmp_path}/empty.png: empty file' in err
     assert f'error: {tmp_path}/absent.jpg: No such file or directory' in err
 
@@ -293,7 +293,7 @@ def test_predict_command_line_errors(tmp_path):
     missing = run_script(
         'predict.py', 'x.jpg', '--weights', str(tmp_path / 'none.pth'), '--model', 'b0'
     )
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert f'error: weights not found: {tmp_path}/none.pth' in missing.stderr
     assert 'Traceback' not in missing.stderr
 

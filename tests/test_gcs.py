@@ -81,13 +81,13 @@ def test_missing_bucket_stops_train_py_before_anything_is_written(gcs_env, tmp_p
         timeout=300,
     )
     seconds = time.monotonic() - started
-    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.returncode == 2, p.stderr[-3000:]
     expected = (
         '--workdir=gs://no-such-bucket/run: bucket no-such-bucket does not exist (create it '
         'with gcloud storage buckets create gs://no-such-bucket)'
     )
     lines = [line.strip().removeprefix('- ') for line in p.stderr.splitlines()]
-    assert expected in lines, p.stderr[-3000:]
+    assert f'error: invalid config: {expected}' in lines, p.stderr[-3000:]
     assert 'Traceback' not in p.stderr and 'first step' not in p.stderr
     assert os.listdir(tmp_path) == [], 'nothing may be written locally instead'
     print(f'train.py refused the missing bucket after {seconds:.1f} s')

@@ -191,7 +191,7 @@ def test_failed_run_is_reported_and_the_sweep_goes_on(sweep, env, tmp_path):
     )
     assert p.returncode == 1
     assert '3 runs, 1 ran, 1 skipped as finished, 2 failed' in p.stdout
-    assert 'FAILED total_steps=2,batch_size=12: exit status 1' in p.stdout
+    assert 'FAILED total_steps=2,batch_size=12: exit status 2' in p.stdout
     assert 'bn_group_size=8 must be a positive divisor' in p.stdout  # the log's tail
     assert f'FAILED {NAMES[1]}:' in p.stdout and 'holds a run with other settings' in p.stdout
     assert f'[3/3] {NAMES[0]}: skipped' in p.stdout

@@ -178,3 +178,45 @@ def merge_pretrained(init_tree: Any, pretrained: Any) -> tuple[Any, list[str]]:
         return jax.make_array_from_callback(x.shape, x.sharding, lambda idx: v[idx])
 
     return jax.tree_util.tree_map_with_path(pick, init_tree), fresh
+
+
+def pretrained_shapes(path: str) -> dict[str, Any]:
+    """The shapes of what ``load_pretrained(path)`` would return, ``{'params': ...,
+    'batch_stats': ...}`` as trees of tuples: for one of our checkpoints read from orbax's
+    metadata, without restoring an array (a config check before anything runs). Raises
+    FileNotFoundError or ValueError as ``load_pretrained`` does."""
+    path = paths.absolute(path)
+    if not paths.as_path(path).exists():
+        raise FileNotFoundError(f'no such file or directory: {path}')
+    if paths.as_path(path).is_file():
+        pre = load_pretrained(path)
+        return jax.tree.map(np.shape, pre)
+    step_dir = train_state.find_step_dir(path, (train_state.LATEST_DIR, ''))
+    if step_dir is None:
+        raise FileNotFoundError(
+            f'neither a weights file nor a checkpoint (no {train_state.STATE_ITEM} directory '
+            f'under {path})'
+        )
+    shapes = train_state.read_state_shapes(os.path.join(step_dir, train_state.STATE_ITEM))
+    return {'params': shapes['ema_params'], 'batch_stats': shapes.get('ema_batch_stats', {})}
+
+
+def untransferable(init_tree: Any, pretrained: Any) -> list[str]:
+    """Paths of ``init_tree`` (arrays or shapes) that ``pretrained`` cannot fill, missing or of
+    another shape, leaving out the classifier, which a new class count re-initialises. Anything
+    listed means weights of another model, which would silently train from scratch."""
+    available = _flat_shapes(pretrained)
+    return [
+        k
+        for k, shape in _flat_shapes(init_tree).items()
+        if "'classifier'" not in k and available.get(k) != shape
+    ]
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    """{path: shape} of a tree of arrays, ShapeDtypeStructs or shape tuples."""
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    return {
+        jax.tree_util.keystr(p): v if is_shape(v) else tuple(np.shape(v))
+        for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_shape)[0]
+    }

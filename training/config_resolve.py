@@ -2,9 +2,11 @@
 
 Config files hold choices (global batch, epochs, base learning rate per 256 examples); the
 learning rate, steps per epoch, warmup/decay/total steps follow here, so that command-line
-overrides stay consistent. ``resolve`` collects every problem into one ConfigError, the paths
-a run will use included: a ``gs://`` workdir, ``init_from`` or data directory without
-credentials or without its bucket fails here, before anything is compiled or written.
+overrides stay consistent. ``resolve`` collects every problem into one ConfigError, one line
+each, before anything is compiled or written: types and ranges of every field, batch
+divisibility, the paths a run will use (a ``gs://`` workdir, ``init_from`` or data directory
+without credentials or without its bucket), the dataset's availability, and whether
+``init_from`` exists and fits the model (shapes read from its metadata; no array is restored).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import jax.numpy as jnp
 
 import efficientnet
 from efficientnet import arch, paths
+from efficientnet.cli import UserError, format_problems
 from efficientnet.layers import DEPTHWISE_IMPLS
 from efficientnet.normalization import NORMALIZATIONS
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; raised before any compilation."""
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; raised before any compilation, with one line per problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,96 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
 
 def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _get(config: Any, path: str) -> Any:
+    node = config
+    for part in path.split('.'):
+        node = node.get(part) if hasattr(node, 'get') else None
+    return node
+
+
+# Every numeric field with the values a run accepts: (path, kind, low, high, optional).
+# kind 'int' or 'number'; a bound in '[' ... ']' notation: '[0' includes 0, '(0' excludes it.
+_NUMERIC_FIELDS = (
+    ('seed', 'int', None, None, False),
+    ('log_every_steps', 'int', '(0', None, False),
+    ('eval_every_epochs', 'number', None, None, True),  # None or <= 0: only at the end
+    ('label_smoothing', 'number', '[0', '1)', False),
+    ('ema_decay', 'number', '[0', '1)', False),
+    ('prefetch_batches', 'int', '[0', None, False),
+    ('data.resolution', 'int', '(0', None, False),
+    ('data.crop_fraction', 'number', '(0', '1]', True),
+    ('data.holdout_fraction', 'number', '[0', '1)', False),
+    ('data.randaugment_layers', 'int', '[0', None, False),
+    ('data.randaugment_magnitude', 'number', '[0', None, False),
+    ('data.mixup_alpha', 'number', '[0', None, False),
+    ('data.cutmix_alpha', 'number', '[0', None, False),
+    ('data.shuffle_buffer', 'int', '(0', None, False),
+    ('data.fake_num_train', 'int', '(0', None, False),
+    ('data.fake_num_eval', 'int', '(0', None, False),
+    ('model.width', 'number', '(0', None, True),
+    ('model.depth', 'number', '(0', None, True),
+    ('model.dropout_rate', 'number', '[0', '1)', True),
+    ('model.drop_path_rate', 'number', '[0', '1)', False),
+    ('optim.base_learning_rate', 'number', '[0', None, False),
+    ('optim.warmup_epochs', 'number', '[0', None, False),
+    ('optim.decay_epochs', 'number', '(0', None, False),
+    ('optim.decay_factor', 'number', '(0', '1]', False),
+    ('optim.min_learning_rate', 'number', '[0', None, False),
+    ('optim.momentum', 'number', '[0', '1)', False),
+    ('optim.rmsprop_decay', 'number', '[0', '1)', False),
+    ('optim.rmsprop_epsilon', 'number', '(0', None, False),
+    ('optim.weight_decay', 'number', '[0', None, False),
+    ('optim.grad_clip_norm', 'number', '[0', None, False),
+    ('mesh.fsdp_min_size', 'int', '[0', None, False),
+    ('checkpoint.keep', 'int', '(0', None, False),
+    ('profile.start_step', 'int', None, None, False),
+    ('profile.num_steps', 'int', '(0', None, False),
+)
+
+
+def _in_range(x: float, low: str | None, high: str | None) -> bool:
+    if low is not None and (x < float(low[1:]) or (low[0] == '(' and x == float(low[1:]))):
+        return False
+    if high is not None and (x > float(high[:-1]) or (high[-1] == ')' and x == float(high[:-1]))):
+        return False
+    return True
+
+
+def _describe(kind: str, low: str | None, high: str | None, optional: bool) -> str:
+    what = 'an integer' if kind == 'int' else 'a number'
+    if low == '(0' and high is None:
+        what = 'a positive integer' if kind == 'int' else 'a positive number'
+    elif low == '[0' and high is None:
+        what += ' >= 0'
+    elif low is not None and high is not None:
+        what += f' in {low}, {high}'
+    return what + (' or None' if optional else '')
+
+
+def _check_fields(errors: list[str], config: Any) -> None:
+    """Types and ranges of the numeric fields (a value of the wrong type is reported, never
+    compared: a config file may set anything)."""
+    for path, kind, low, high, optional in _NUMERIC_FIELDS:
+        x = _get(config, path)
+        if x is None and optional:
+            continue
+        ok = (isinstance(x, int) and not isinstance(x, bool)) if kind == 'int' else _is_number(x)
+        if not (ok and _in_range(x, low, high)):
+            errors.append(
+                f'config.{path} must be {_describe(kind, low, high, optional)}, got {x!r}'
+            )
+    for path, choices in (
+        ('data.augment', ('none', 'randaugment', 'autoaugment')),
+        ('data.interpolation', ('bicubic', 'bilinear')),
+    ):
+        x = _get(config, path)
+        _check(errors, x in choices, f'config.{path} must be one of {choices}, got {x!r}')
 
 
 def _check_paths(errors: list[str], config: Any, workdir: str | None) -> None:
@@ -152,6 +245,62 @@ def _check_bn_group(errors: list[str], config: Any, micro: int) -> None:
         )
 
 
+_LOOKUP_FIELDS = (
+    'name',
+    'data_dir',
+    'manual_dir',
+    'folder',
+    'fashion_mnist_dir',
+    'fake_num_',
+    'holdout_fraction',
+)
+
+
+def _mentions(errors: list[str], *prefixes: str) -> bool:
+    return any(p in e for e in errors for p in prefixes)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_init_from(
+    errors: list[str], config: Any, workdir: str | None, num_classes: int | None
+) -> None:
+    """``config.init_from`` exists and, with ``num_classes`` (None: the model config is wrong,
+    so only existence is checked), fits the model: every tensor but the classifier must be
+    there with the model's shape. Shapes come from the checkpoint's metadata (or the weights
+    file), the model's from ``jax.eval_shape``: nothing is restored or compiled. Not checked
+    when the workdir holds a checkpoint, which a run resumes from instead."""
+    path = config.init_from
+    if not path or _mentions(errors, 'config.init_from'):  # a gs:// path already refused
+        return
+    from efficientnet.weights import train_state
+    from training import checkpoint  # lazy: orbax
+    from training import state as state_lib
+
+    if workdir and train_state.newest_step_dir(paths.as_path(workdir, train_state.LATEST_DIR)):
+        return
+    try:
+        pretrained = checkpoint.pretrained_shapes(path)
+    except Exception as e:  # noqa: BLE001 - unreadable, missing, not weights: all the user's
+        errors.append(f'config.init_from={path!r}: {_one_line(e)}')
+        return
+    if num_classes is None:
+        return
+    model = build_model(config, num_classes)
+    variables = state_lib.abstract_variables(model, config.data.resolution)
+    foreign = checkpoint.untransferable(variables, pretrained)
+    if foreign:
+        m = config.model
+        errors.append(
+            f'config.init_from={path!r} does not fit config.model ({m.name}, width={m.width}, '
+            f'depth={m.depth}): {len(foreign)} tensors are missing or of another shape, e.g. '
+            f'{", ".join(foreign[:3])}; only the classifier may differ'
+        )
+
+
 def resolve(
     config: Any,
     *,
@@ -168,9 +317,6 @@ def resolve(
         arch.get_variant(c.model.name)
     except ValueError as e:
         errors.append(f'config.model.name: {e}')
-    for key in ('width', 'depth'):
-        v = c.model[key]
-        _check(errors, v is None or v > 0, f'config.model.{key} must be positive, got {v}')
     _check(
         errors,
         c.model.compute_dtype in COMPUTE_DTYPES,
@@ -225,18 +371,11 @@ def resolve(
         o.weight_decay_mode in ('l2', 'decoupled'),
         f'config.optim.weight_decay_mode must be l2 or decoupled, got {o.weight_decay_mode!r}',
     )
+    _check_fields(errors, c)
     _check(
         errors,
-        0.0 <= c.label_smoothing < 1.0,
-        f'config.label_smoothing must be in [0, 1), got {c.label_smoothing}',
-    )
-    _check(
-        errors, 0.0 <= c.ema_decay < 1.0, f'config.ema_decay must be in [0, 1), got {c.ema_decay}'
-    )
-    _check(
-        errors,
-        c.total_steps is not None or c.num_epochs > 0,
-        f'config.num_epochs must be positive, got {c.num_epochs}',
+        c.total_steps is not None or (_is_number(c.num_epochs) and c.num_epochs > 0),
+        f'config.num_epochs must be a positive number, got {c.num_epochs!r}',
     )
     _check(
         errors,
@@ -280,7 +419,9 @@ def resolve(
     _check_paths(errors, c, workdir)
 
     info = None
-    if not errors:  # the dataset lookup may be slow; only when the rest is sound
+    # The dataset lookup may be slow (TensorFlow, tfds); skipped only when the fields it reads
+    # are wrong, where it would just repeat that problem.
+    if not _mentions(errors, *(f'config.data.{k}' for k in _LOOKUP_FIELDS)):
         try:
             info = (dataset_info_fn or _load_dataset_info)(c.data)
         except ConfigError as e:
@@ -289,7 +430,7 @@ def resolve(
             where = c.data.data_dir or c.data.folder or 'the default data dir'
             errors.append(
                 f'dataset {c.data.name!r} is not available (looked in {where}): '
-                f'{type(e).__name__}: {e}'
+                f'{type(e).__name__}: {_one_line(e)}'
             )
         if c.data.num_classes is None and c.data.name == 'fake':
             errors.append("config.data.num_classes must be set for the 'fake' dataset")
@@ -302,13 +443,16 @@ def resolve(
                 f'config.data.num_classes={c.data.num_classes} but dataset '
                 f'{c.data.name!r} has {info["num_classes"]} classes'
             )
-        if info is not None and info['num_train'] < c.batch_size:
+        if info is not None and _positive_int(c.batch_size) and info['num_train'] < c.batch_size:
             errors.append(
                 f'dataset {c.data.name!r} has {info["num_train"]} training examples, '
                 f'fewer than one batch of {c.batch_size}'
             )
+    model_ok = not _mentions(errors, 'config.model.', 'config.data.resolution')
+    num_classes = (info['num_classes'] if info else c.data.num_classes) or 1
+    _check_init_from(errors, c, workdir, num_classes if model_ok else None)
     if errors:
-        raise ConfigError('invalid config:\n  - ' + '\n  - '.join(errors))
+        raise ConfigError(format_problems('invalid config', errors))
 
     steps_per_epoch = max(1, info['num_train'] // c.batch_size)
     total = c.total_steps or max(1, int(math.ceil(c.num_epochs * steps_per_epoch)))

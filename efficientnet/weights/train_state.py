@@ -89,3 +89,16 @@ def read_variables(step_dir: str, *, use_ema: bool = True) -> dict[str, Any]:
         'params': state[prefix + 'params'],
         'batch_stats': state.get(prefix + 'batch_stats', {}),
     }
+
+
+def read_state_shapes(state_dir: str) -> dict[str, Any]:
+    """The shapes of a saved TrainState's arrays (a dict of tuples, like ``read_state``'s),
+    from orbax's metadata alone: nothing is restored."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+    tree = getattr(meta, 'item_metadata', meta)
+    tree = getattr(tree, 'tree', tree)
+    return jax.tree.map(lambda m: tuple(m.shape), tree)
