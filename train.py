@@ -377,10 +377,10 @@ def main(argv: list[str]) -> None:
     )
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
-    except jax.errors.JaxRuntimeError:
-        # A collective or barrier failed: if a peer died, say which and exit (within the
-        # heartbeat timeout) rather than with this bare transport error.
-        distributed.wait_for_lost_peer()
+    except jax.errors.JaxRuntimeError as e:
+        # A collective or barrier failed: if a peer died, jax names it and ends this process
+        # within the heartbeat timeout; wait for that rather than end with a transport error.
+        distributed.wait_for_lost_peer(e)
         raise
     if 'preempted_at_step' in result:
         print(

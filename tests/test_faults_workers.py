@@ -1,14 +1,19 @@
 """A process of a multi-process run dies (kill -9): every survivor exits non-zero within 30 s,
-naming the lost process (jax's default heartbeat timeout let them run on for 54-98 s, then
-abort). Two train.py processes through jax.distributed on 127.0.0.1, as in
+and its log names the lost process (with jax's default heartbeat timeout of 100 s the survivors
+ran on for 54-98 s). Two train.py processes through jax.distributed on 127.0.0.1, as in
 tests/test_train_loop.py; SIGTERM to one of them (a clean, saved stop of both) is tested there.
 
+The names come from jax's coordination service (jaxlib 0.10.2): a dead worker is listed as an
+unhealthy task by its number (task i is process i); a dead coordinator is "the leader task",
+process 0.
+
 What must survive: the checkpoints already complete in the workdir (checked by the resume
-tests); here, that the survivor does not hang and says which process was lost.
+tests); here, that the survivor neither hangs nor goes on, and says which process was lost.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -17,6 +22,10 @@ import pytest
 from tests.test_train_loop import _first_error, _start_two_processes
 
 DEADLINE_S = 30  # the issue's bound from the kill to the survivor's exit
+NAMED = {  # how the survivor's log names the lost process
+    1: r'The following tasks are unhealthy \(stopped sending heartbeats\):\s*1\s',
+    0: r'Either the leader task was preempted/died',
+}
 
 
 def _kill_one_and_time_the_other(train_env, tmp_path, victim: int):
@@ -55,4 +64,4 @@ def test_survivor_exits_non_zero_within_30_s_naming_the_lost_process(train_env, 
     print(f'kill -9 of process {victim}: process {1 - victim} exited {code} after {seconds:.1f} s')
     assert code != 0, err[-3000:]
     assert seconds < DEADLINE_S, (seconds, err[-3000:])
-    assert f'process {victim} of 2' in err, err[-3000:]
+    assert re.search(NAMED[victim], err), err[-3000:]
