@@ -125,21 +125,56 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile = ml_collections.ConfigDict()
     config.profile.start_step = -1  # >= 0: capture a trace window starting there
     config.profile.num_steps = 5
+    config.progressive = get_progressive_config()
     return config
+
+
+def get_progressive_config() -> ml_collections.ConfigDict:
+    """``config.progressive``: EfficientNetV2's progressive learning as data (docs/models.md).
+
+    Training is split into ``stages`` equal parts; stage k trains at its own image size,
+    RandAugment magnitude, MixUp and CutMix alpha and dropout rate, interpolated between the
+    min_* and max_* values by ``rule`` (``training/progressive.py`` derives each stage's values;
+    a None bound means the constant setting of config.data / config.model). ``stages = 1``
+    (the default) is no progression: one stage at the final values. Evaluation stays at
+    ``data.resolution``. The training loop does not read this block yet: until it does, a run
+    trains every step at data.resolution with the data/model settings.
+    """
+    p = ml_collections.ConfigDict()
+    p.stages = 1
+    # 'official' (google/automl efficientnetv2 main.py / main_tf2.py): stage k of M trains at
+    # size min + (max - min) * (k + 1) / M, so the first stage is above the minimum, while the
+    # regularisers follow linspace(min, max, M). 'paper' (Algorithm 1): every value, the size
+    # included, follows linspace(min, max, M).
+    p.rule = 'official'
+    p.min_resolution = 128
+    p.max_resolution = ml_collections.FieldReference(None, field_type=int)
+    p.min_randaugment_magnitude = ml_collections.FieldReference(None, field_type=float)
+    p.max_randaugment_magnitude = ml_collections.FieldReference(None, field_type=float)
+    p.min_mixup_alpha = ml_collections.FieldReference(None, field_type=float)
+    p.max_mixup_alpha = ml_collections.FieldReference(None, field_type=float)
+    p.min_cutmix_alpha = ml_collections.FieldReference(None, field_type=float)
+    p.max_cutmix_alpha = ml_collections.FieldReference(None, field_type=float)
+    p.min_dropout = ml_collections.FieldReference(None, field_type=float)
+    p.max_dropout = ml_collections.FieldReference(None, field_type=float)
+    return p
 
 
 def variant_config(
     name: str, *, augment: str, randaugment_magnitude: int | None = None
 ) -> ml_collections.ConfigDict:
-    """The official ImageNet recipe for one variant (``configs/b0.py`` ... ``b7.py``).
+    """The official ImageNet recipe for one variant (``configs/b0.py`` ... ``b7.py``,
+    ``configs/v2_*.py`` through ``v2_variant_config``).
 
     The variant's native resolution and dropout rate come from ``efficientnet.arch`` (as does
-    the stochastic-depth rate, the family's and already the default); the caller states only
-    the augmentation the published recipe chose for it: ``'autoaugment'``, or
+    the stochastic-depth rate, the family's and already the default), and so does its eval
+    preprocessing (interpolation; crop fraction where it is not S / (S + 32)); the caller states
+    only the augmentation the published recipe chose for it: ``'autoaugment'``, or
     ``'randaugment'`` with its magnitude (``randaugment_magnitude``; None keeps the default).
     """
     variant = arch.get_variant(name)
     config = get_config()
+    apply_variant_preprocessing(config, variant.name)
     config.model.name = variant.name
     # BatchNorm as the official runs: batch 4096 on a 32-core TPU v3 slice. Each core holds
     # 4096 / 32 = 128 examples; slices of more than 8 cores average the statistics over groups
@@ -152,4 +187,67 @@ def variant_config(
     config.data.augment = augment
     if randaugment_magnitude is not None:
         config.data.randaugment_magnitude = randaugment_magnitude
+    return config
+
+
+def apply_variant_preprocessing(config: ml_collections.ConfigDict, name: str) -> None:
+    """The eval preprocessing the variant's published weights expect: its interpolation, and
+    its crop fraction when that is not the default S / (S + 32) (V2-S/M/L/XL: no crop). The
+    input normalisation is already the variant's (``data.normalization`` None)."""
+    variant = arch.get_variant(name)
+    config.data.interpolation = variant.interpolation
+    default_crop = variant.resolution / (variant.resolution + arch.CROP_PADDING)
+    if variant.crop_fraction != default_crop:
+        config.data.crop_fraction = variant.crop_fraction
+
+
+# The first stage's values of the official progressive learning (google/automl efficientnetv2
+# hparams.py and main_tf2.py): 4 stages from 128 px, RandAugment magnitude 5 and no MixUp or
+# CutMix, growing to the variant's final values.
+V2_STAGES = 4
+V2_MIN_RESOLUTION = 128
+V2_MIN_RANDAUGMENT_MAGNITUDE = 5.0
+
+
+def v2_variant_config(
+    name: str,
+    *,
+    augment: str,
+    randaugment_magnitude: float | None = None,
+    mixup_alpha: float = 0.0,
+) -> ml_collections.ConfigDict:
+    """The official ImageNet recipe for one EfficientNetV2 (``configs/v2_b0.py`` ...
+    ``v2_xl.py``), with the official code's progressive-learning schedule in
+    ``config.progressive``.
+
+    The caller states the recipe's choices for the variant: ``augment`` ('autoaugment' for
+    V2-B0..B3, which keep V1's preprocessing; 'randaugment' for S/M/L/XL), the final RandAugment
+    magnitude and the final MixUp alpha (CutMix takes the same alpha, as in the official code,
+    which gives half the batch each when both are on). Sizes, dropout and the eval
+    preprocessing come from ``efficientnet.arch``.
+
+    Until the training loop reads ``config.progressive``, every step uses the final values:
+    RandAugment at the final magnitude, MixUp/CutMix at the final alpha, images at
+    ``data.resolution`` (the eval size, like the V1 configs).
+    """
+    variant = arch.get_variant(name)
+    config = variant_config(name, augment=augment)
+    if randaugment_magnitude is not None:
+        # data.randaugment_magnitude is an int; the fractional stage values live in progressive.
+        config.data.randaugment_magnitude = int(round(randaugment_magnitude))
+    config.data.mixup_alpha = mixup_alpha
+    config.data.cutmix_alpha = mixup_alpha
+    p = config.progressive
+    p.stages = V2_STAGES
+    p.rule = 'official'
+    p.min_resolution = V2_MIN_RESOLUTION
+    p.max_resolution = variant.train_resolution or variant.resolution
+    if augment == 'randaugment':
+        p.min_randaugment_magnitude = V2_MIN_RANDAUGMENT_MAGNITUDE
+        p.max_randaugment_magnitude = float(randaugment_magnitude)
+    p.min_mixup_alpha = p.min_cutmix_alpha = 0.0
+    p.max_mixup_alpha = p.max_cutmix_alpha = float(mixup_alpha)
+    # The official code builds a dropout schedule and then discards it: dropout stays at the
+    # variant's rate in every stage.
+    p.min_dropout = p.max_dropout = variant.dropout
     return config

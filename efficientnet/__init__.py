@@ -1,4 +1,5 @@
-"""EfficientNet (Tan & Le, 2019) in Flax linen.
+"""EfficientNet (Tan & Le, 2019), EfficientNet-Lite and EfficientNetV2 (Tan & Le, 2021) in
+Flax linen.
 
     import efficientnet
     model = efficientnet.create_model('efficientnet-b0')
@@ -37,6 +38,7 @@ _OVERRIDES = (
     'depthwise_impl',
     'bn_group_size',
     'activation',
+    'bn_momentum',
     'features_only',
     'remat',
 )
@@ -77,14 +79,16 @@ def create_model(
     name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32, **overrides: Any
 ) -> EfficientNet:
     """Builds the named variant ('efficientnet-b0' ... 'efficientnet-l2', 'efficientnet-lite0'
-    ... 'efficientnet-lite4', or short forms 'b0', 'lite0').
+    ... 'efficientnet-lite4', 'efficientnetv2-b0' ... 'efficientnetv2-b3', 'efficientnetv2-s',
+    '-m', '-l', '-xl', or short forms 'b0', 'lite0', 'v2-s').
 
     ``num_classes=0`` returns pooled features instead of logits. ``dtype`` is the computation
     dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
     drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
     depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
-    features_only, remat (recompute each block's activations in the backward pass instead of
-    keeping them; the same gradients); and the scaling coefficients width, depth and resolution
+    bn_momentum (the BatchNorm moving-average momentum; default the variant's), features_only,
+    remat (recompute each block's activations in the backward pass instead of keeping them;
+    the same gradients); and the scaling coefficients width, depth and resolution
     (``scaled_variant``). This is the one place a model is built from a name: training, the
     scripts and the tests all come through here.
     """
@@ -100,7 +104,7 @@ def create_model(
         raise ValueError(
             f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {overrides["depthwise_impl"]!r}'
         )
-    for key in ('dropout_rate', 'drop_path_rate'):
+    for key in ('dropout_rate', 'drop_path_rate', 'bn_momentum'):
         v = overrides.get(key)
         if v is not None and not 0.0 <= v < 1.0:
             raise ValueError(f'{key} must be in [0, 1), got {v!r}')
@@ -113,12 +117,16 @@ def create_model(
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """The facts a pipeline needs about a variant: scaling coefficients, resolution, dropout,
-    eval crop fraction, and the input normalisation (mean and std on [0, 255] input)."""
+    """The facts a pipeline needs about a variant: scaling coefficients, resolution (and the
+    official training size), dropout, eval crop fraction and interpolation, and the input
+    normalisation (mean and std on [0, 255] input)."""
     v = get_variant(name)
     info = dataclasses.asdict(v)
     info.update(
         crop_fraction=v.crop_fraction,
+        interpolation=v.interpolation,
+        train_resolution=v.train_resolution or v.resolution,
+        bn_momentum=v.bn_momentum,
         mean=v.mean,
         std=v.std,
         normalization=v.normalization,

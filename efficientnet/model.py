@@ -1,4 +1,5 @@
-"""The EfficientNet Flax module: stem, MBConv blocks and head, built from ``arch.BlockSpec``s."""
+"""The EfficientNet Flax module: stem, MBConv and Fused-MBConv blocks and head, built from
+``arch.BlockSpec``s."""
 
 from __future__ import annotations
 
@@ -54,12 +55,18 @@ class MBConv(nn.Module):
     depthwise_impl: str = 'auto'
     bn_group_size: int | None = None
     dtype: Any = jnp.float32
+    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         s = self.spec
         act = activation_fn(self.activation)
-        bn = dict(use_running_average=not train, group_size=self.bn_group_size, dtype=self.dtype)
+        bn = dict(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            group_size=self.bn_group_size,
+            dtype=self.dtype,
+        )
         inputs = x
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, dtype=self.dtype, name='expand_conv')(x)
@@ -72,15 +79,66 @@ class MBConv(nn.Module):
             x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
         x = Conv2D(s.out_channels, dtype=self.dtype, name='project_conv')(x)
         x = BatchNorm(**bn, name='project_bn')(x)
-        if s.has_residual:
-            if train and s.survival < 1.0:
-                x = drop_path(x, s.survival, self.make_rng('dropout'))
-            x = x + inputs
-        return x
+        return _residual(self, x, inputs, train)
+
+
+def _residual(block: nn.Module, x: Array, inputs: Array, train: bool) -> Array:
+    """Stochastic depth and the skip connection, when the block keeps its shape."""
+    s = block.spec
+    if s.has_residual:
+        if train and s.survival < 1.0:
+            x = drop_path(x, s.survival, block.make_rng('dropout'))
+        x = x + inputs
+    return x
+
+
+class FusedMBConv(nn.Module):
+    """EfficientNetV2's Fused-MBConv: k x k conv (stride) to e * Cin -> [SE] -> 1x1 project
+    (+ residual). With expand 1 the k x k conv goes straight to Cout and is followed by BN and
+    the activation (the project conv of the e > 1 form has none), then the residual.
+
+    The layer names follow ``MBConv`` (``expand_conv``/``expand_bn``, ``project_conv``/
+    ``project_bn``): the e = 1 form is one ``project_conv``, as in keras.applications.
+    ``depthwise_impl`` is accepted (and unused) so both block types take the same arguments.
+    """
+
+    spec: arch.BlockSpec
+    activation: str = 'swish'
+    padding: str = 'same'
+    depthwise_impl: str = 'auto'
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.99
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        s = self.spec
+        act = activation_fn(self.activation)
+        bn = dict(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            group_size=self.bn_group_size,
+            dtype=self.dtype,
+        )
+        conv = dict(padding=self.padding, dtype=self.dtype)
+        inputs = x
+        if s.expand != 1:
+            x = Conv2D(s.expanded_channels, s.kernel, s.stride, **conv, name='expand_conv')(x)
+            x = act(BatchNorm(**bn, name='expand_bn')(x))
+            if s.se_channels:
+                x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
+            x = Conv2D(s.out_channels, **conv, name='project_conv')(x)
+            x = BatchNorm(**bn, name='project_bn')(x)
+        else:
+            if s.se_channels:  # no published V2 uses it; the official code would put it here
+                raise ValueError('a Fused-MBConv block without expansion has no squeeze-excite')
+            x = Conv2D(s.out_channels, s.kernel, s.stride, **conv, name='project_conv')(x)
+            x = act(BatchNorm(**bn, name='project_bn')(x))
+        return _residual(self, x, inputs, train)
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet / EfficientNet-Lite.
+    """EfficientNet / EfficientNet-Lite / EfficientNetV2.
 
     ``apply(variables, images, train=False)`` takes NHWC float images that are already
     normalised (see ``model_info``) and returns float32 logits, or pooled float32 features when
@@ -106,6 +164,7 @@ class EfficientNet(nn.Module):
     depthwise_impl: str = 'auto'
     bn_group_size: int | None = None
     activation: str | None = None  # None: the variant's
+    bn_momentum: float | None = None  # None: the variant's (0.99 V1, 0.9 V2)
     features_only: bool = False  # backbone use: no head, returns the endpoints dict only
     remat: bool = False  # recompute each block's activations in the backward pass
     dtype: Any = jnp.float32
@@ -130,7 +189,13 @@ class EfficientNet(nn.Module):
         self._check_input(x)
         activation = self.activation or self.variant.activation
         act = activation_fn(activation)
-        bn = dict(use_running_average=not train, group_size=self.bn_group_size, dtype=self.dtype)
+        momentum = self.variant.bn_momentum if self.bn_momentum is None else self.bn_momentum
+        bn = dict(
+            use_running_average=not train,
+            momentum=momentum,
+            group_size=self.bn_group_size,
+            dtype=self.dtype,
+        )
         endpoints = {}
 
         x = Conv2D(
@@ -149,15 +214,18 @@ class EfficientNet(nn.Module):
         # ``train`` (argument 2, counting self) is static: it chooses Python branches (batch or
         # moving statistics, stochastic depth). Variables, rngs and names are lifted unchanged,
         # so the parameter tree and the dropout draws do not depend on ``remat``.
-        block = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
+        kinds = {False: MBConv, True: FusedMBConv}
+        if self.remat:
+            kinds = {k: nn.remat(v, static_argnums=(2,)) for k, v in kinds.items()}
         for spec in blocks:
-            x = block(
+            x = kinds[spec.fused](
                 spec,
                 activation,
                 self.padding,
                 self.depthwise_impl,
                 self.bn_group_size,
                 self.dtype,
+                momentum,
                 name=f'blocks_{spec.index}',
             )(x, train)
             if spec.index in names:
@@ -180,4 +248,4 @@ class EfficientNet(nn.Module):
         return x
 
 
-__all__ = ['EfficientNet', 'MBConv', 'SqueezeExcite', 'drop_path']
+__all__ = ['EfficientNet', 'FusedMBConv', 'MBConv', 'SqueezeExcite', 'drop_path']

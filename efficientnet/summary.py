@@ -21,7 +21,11 @@ import numpy as np
 
 from efficientnet import arch
 
-# Paper figures (docs/reference.md §1, §7): params (M), FLOPs (B multiply-adds), top-1 (%).
+# Published figures: params (M), FLOPs (B multiply-adds), ImageNet top-1 (%). EfficientNet and
+# Lite: the paper (docs/reference.md §1, §7). EfficientNetV2: V2-B0..B3 from the official
+# repository's README (the paper has no B models), S/M/L from the paper's Table 7 (ImageNet-1k
+# training), XL from the paper's ImageNet-21k table (pretrained on 21k, top-1 after 1k
+# fine-tuning; there is no 1k-trained XL). docs/models.md compares them.
 PAPER = {
     'efficientnet-b0': (5.3, 0.39, 77.1),
     'efficientnet-b1': (7.8, 0.70, 79.1),
@@ -34,6 +38,14 @@ PAPER = {
     'efficientnet-l2': (480, None, 88.4),
     'efficientnet-lite0': (4.7, 0.407, 75.1),
     'efficientnet-lite4': (13.0, 2.64, 81.5),
+    'efficientnetv2-b0': (7.1, 0.72, 78.7),
+    'efficientnetv2-b1': (8.1, 1.2, 79.8),
+    'efficientnetv2-b2': (10.1, 1.7, 80.5),
+    'efficientnetv2-b3': (14.4, 3.0, 82.1),
+    'efficientnetv2-s': (22, 8.8, 83.9),
+    'efficientnetv2-m': (54, 24, 85.1),
+    'efficientnetv2-l': (120, 53, 85.7),
+    'efficientnetv2-xl': (208, 94, 87.3),
 }
 
 
@@ -48,17 +60,27 @@ def count_flops(name: str, resolution: int | None = None, num_classes: int = 100
     s = _same_out(s, 2)
     stem = arch.stem_channels(v)
     macs = s * s * 3 * 3 * 3 * stem
-    for b in arch.build_blocks(v):
+    blocks = arch.build_blocks(v)
+    for b in blocks:
         exp = b.expanded_channels
-        if b.expand != 1:
-            macs += s * s * b.in_channels * exp
-        s = _same_out(s, b.stride)
-        macs += s * s * b.kernel * b.kernel * exp
+        k2 = b.kernel * b.kernel
+        if b.fused and b.expand == 1:  # one k x k conv, Cin -> Cout
+            s = _same_out(s, b.stride)
+            macs += s * s * k2 * b.in_channels * b.out_channels
+            continue
+        if b.fused:  # k x k conv (strided) to e * Cin, then the 1x1 projection
+            s = _same_out(s, b.stride)
+            macs += s * s * k2 * b.in_channels * exp
+        else:
+            if b.expand != 1:
+                macs += s * s * b.in_channels * exp
+            s = _same_out(s, b.stride)
+            macs += s * s * k2 * exp
         if b.se_channels:
             macs += 2 * exp * b.se_channels
         macs += s * s * exp * b.out_channels
     head = arch.head_channels(v)
-    macs += s * s * arch.round_filters(arch.B0_STAGES[-1].out_channels, v.width) * head
+    macs += s * s * blocks[-1].out_channels * head
     macs += head * num_classes
     return int(macs)
 

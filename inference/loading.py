@@ -4,6 +4,7 @@
     loaded = load_model('gs://bucket/b0')                   # any of these may be on gs://
     loaded = load_model('b3.msgpack')                       # python -m efficientnet.weights output
     loaded = load_model('efficientnet-b0-355c32eb.pth', model='b0')   # efficientnet_pytorch
+    loaded = load_model('model.safetensors', model='v2-s')  # timm tf_efficientnetv2_s
     loaded = load_model('efficientnetb3.h5', model='b3')              # keras.applications
     loaded = load_model('efficientnet-b4/', model='b4')               # official TF checkpoint
     logits = loaded.logits(uint8_images)                    # [N, S, S, 3] on [0, 255]
@@ -11,8 +12,9 @@
 A ``LoadedModel`` carries what evaluation needs besides the weights: the resolution, the eval
 crop fraction, the interpolation and the input normalisation the weights were trained with.
 For a workdir these come from its ``config.json``; for published weights from the variant
-(docs/reference.md §5: ImageNet mean/std and bicubic for B0-B7, (x - 127) / 128 and bilinear
-for Lite; AdvProp checkpoints need ``normalization='advprop'``, which no file records).
+(docs/reference.md §5: ImageNet mean/std and bicubic for B0-B7 and V2-B0..B3, (x - 127) / 128
+and bilinear for Lite, (x - 128) / 128 and bilinear without a crop for V2-S/M/L/XL
+(docs/models.md); AdvProp checkpoints need ``normalization='advprop'``, which no file records).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from inference.loaded_model import LoadedModel
 
 FORMATS = ('workdir', 'msgpack', 'keras', 'torch', 'tf')
 _KERAS_SUFFIXES = ('.h5', '.keras')
-_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 _MSGPACK_SUFFIXES = ('.msgpack',)
 
 
@@ -265,8 +267,10 @@ def _published(
     name: str, variables: dict, num_classes: int, depthwise_impl: str, source: str, fmt: str
 ) -> LoadedModel:
     """Published or converted weights: the variant's own resolution and official eval
-    preprocessing. efficientnet_pytorch pads like TF SAME, so every format uses 'same'."""
+    preprocessing (for V2-S/M/L/XL at 320 px and above, no crop: crop fraction 1.0).
+    efficientnet_pytorch and timm's tf_ models pad like TF SAME, so every format uses 'same'."""
     variant = arch.get_variant(name)
+    default_crop = variant.resolution / (variant.resolution + arch.CROP_PADDING)
     module = efficientnet.create_model(name, num_classes=num_classes, depthwise_impl=depthwise_impl)
     return LoadedModel(
         name=variant.name,
@@ -274,9 +278,9 @@ def _published(
         variables=_numpy(variables),
         num_classes=num_classes,
         resolution=variant.resolution,
-        crop_fraction=None,
+        crop_fraction=None if variant.crop_fraction == default_crop else variant.crop_fraction,
         normalization=variant.normalization,
-        interpolation='bilinear' if variant.is_lite else 'bicubic',
+        interpolation=variant.interpolation,
         source=source,
         format=fmt,
     )

@@ -14,9 +14,10 @@ compilation cache (a first run) and ``warm`` with the cache the cold run filled 
 resume of the same configuration, as ``train.py`` does by default). ``--cache-dir DIR`` uses
 DIR instead of a temporary directory (and one process only).
 
-``--torch`` runs the same recipe on efficientnet_pytorch in the same invocation, twice:
-channels-last (its fastest CPU layout; AMP bfloat16 on CUDA with ``--dtype bfloat16``) and
-the default contiguous layout. Its step is forward, label-smoothed cross-entropy, backward,
+``--torch`` runs the same recipe on efficientnet_pytorch in the same invocation (for an
+EfficientNetV2, on timm's ``tf_efficientnetv2_*``: the same network with TF SAME padding),
+twice: channels-last (its fastest CPU layout; AMP bfloat16 on CUDA with ``--dtype bfloat16``)
+and the default contiguous layout. Its step is forward, label-smoothed cross-entropy, backward,
 ``torch.optim.RMSprop`` (alpha 0.9, momentum 0.9, eps 1e-3, weight decay 1e-5) and an EMA
 update of parameters and buffers; its first step includes building the network.
 
@@ -225,17 +226,34 @@ def bench_jax_cold_warm(args, name: str, res: int) -> list[dict]:
     return rows
 
 
+def torch_peer(name: str, res: int):
+    """The PyTorch network of the same variant: efficientnet_pytorch, or timm's
+    tf_efficientnetv2_* for V2 (with the variant's dropout and stochastic depth, as ours)."""
+    from efficientnet import arch
+
+    variant = arch.get_variant(name)
+    if variant.is_v2:
+        from timm_import import import_timm
+
+        suffix = variant.name.removeprefix('efficientnetv2-')
+        return import_timm().create_model(
+            f'tf_efficientnetv2_{suffix}', drop_rate=variant.dropout, drop_path_rate=0.2
+        )
+    from efficientnet_pytorch import EfficientNet
+
+    return EfficientNet.from_name(name, image_size=res)
+
+
 def bench_torch(
     name: str, batch: int, res: int, dtype: str, steps: int, channels_last: bool
 ) -> dict:
     import torch
-    from efficientnet_pytorch import EfficientNet
 
     cuda = torch.cuda.is_available()
     device = 'cuda' if cuda else 'cpu'
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     t0 = time.perf_counter()
-    net = EfficientNet.from_name(name, image_size=res).to(device).to(memory_format=fmt)
+    net = torch_peer(name, res).to(device).to(memory_format=fmt)
     net.train()
     opt = torch.optim.RMSprop(
         net.parameters(),
@@ -268,6 +286,7 @@ def bench_torch(
     median = _time(run, steps)
     return {
         'framework': 'torch',
+        'peer': 'timm' if name.startswith('efficientnetv2-') else 'efficientnet_pytorch',
         'allocator': allocator.name(),
         'version': torch.__version__,
         'device': device,

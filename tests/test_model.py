@@ -150,7 +150,7 @@ def test_training_updates_batch_stats_and_dropout_needs_rng(tiny):
 
 def test_api_and_bad_input():
     assert efficientnet.list_models()[0] == 'efficientnet-b0'
-    assert len(efficientnet.list_models()) == 15
+    assert len(efficientnet.list_models()) == 23  # 10 EfficientNet, 5 Lite, 8 EfficientNetV2
     info = efficientnet.model_info('b4')
     assert info['resolution'] == 380 and info['crop_fraction'] == pytest.approx(380 / 412)
     assert info['mean'] == pytest.approx((0.485 * 255, 0.456 * 255, 0.406 * 255))

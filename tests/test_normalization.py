@@ -37,7 +37,17 @@ def test_compute_dtype_is_a_cast_of_the_float32_result(pixels):
 def test_each_variant_names_its_own():
     for name in efficientnet.list_models():
         info = efficientnet.model_info(name)
-        want = 'lite' if 'lite' in name else 'imagenet'
+        if 'lite' in name:
+            want = 'lite'
+        elif name in (
+            'efficientnetv2-s',
+            'efficientnetv2-m',
+            'efficientnetv2-l',
+            'efficientnetv2-xl',
+        ):
+            want = 'v2'  # (x - 128) / 128; V2-B0..B3 keep V1's ImageNet mean/std
+        else:
+            want = 'imagenet'
         assert info['normalization'] == want, name
         assert (info['mean'], info['std']) == normalization.NORMALIZATIONS[want]
 

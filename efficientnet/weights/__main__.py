@@ -3,6 +3,9 @@
 python -m efficientnet.weights --source torch --model b0 efficientnet-b0.pth b0.msgpack
 python -m efficientnet.weights --source keras --model b3 efficientnetb3.h5 b3.msgpack
 python -m efficientnet.weights --source tf --model b0 efficientnet-b0/model.ckpt b0.msgpack
+python -m efficientnet.weights --source torch --model v2-s model.safetensors v2-s.msgpack  # timm
+python -m efficientnet.weights --source keras --model v2-s efficientnetv2-s.h5 v2-s.msgpack
+python -m efficientnet.weights --source tf --model v2-s efficientnetv2-s/ v2-s.msgpack  # automl
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ SOURCES = ('keras', 'torch', 'tf')
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='python -m efficientnet.weights',
-        description='Convert Keras, PyTorch (efficientnet_pytorch naming) or official '
-        'TensorFlow EfficientNet weights into a msgpack file for this package.',
+        description='Convert Keras, PyTorch (efficientnet_pytorch or timm naming) or official '
+        'TensorFlow EfficientNet / EfficientNetV2 weights into a msgpack file for this package.',
     )
     parser.add_argument(
         '--source',
         required=True,
         choices=SOURCES,
         help='keras: .keras/.weights.h5/.h5 of keras.applications; torch: '
-        '.pth state dict; tf: checkpoint prefix or directory',
+        '.pth/.safetensors state dict (efficientnet_pytorch, its Lite ports, or timm '
+        'tf_efficientnet*); tf: checkpoint prefix or directory (tensorflow/tpu or automl)',
     )
-    parser.add_argument('--model', required=True, help='variant, e.g. b0, efficientnet-b3, lite0')
+    parser.add_argument(
+        '--model', required=True, help='variant, e.g. b0, efficientnet-b3, lite0, v2-s'
+    )
     parser.add_argument(
         '--num-classes',
         type=int,

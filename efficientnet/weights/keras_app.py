@@ -1,10 +1,14 @@
-"""keras.applications EfficientNetB0-B7: a built model, or its weight files.
+"""keras.applications EfficientNetB0-B7 and EfficientNetV2B0-B3/S/M/L: a built model, or its
+weight files.
 
 Layer names: stem_conv, stem_bn; block{stage}{letter}_{expand_conv, expand_bn, dwconv, bn,
 se_reduce, se_expand, project_conv, project_bn} with the letter counting repeats within a
-stage; top_conv, top_bn, predictions. The model starts with Rescaling(1/255) and Normalization
-(plus, for the ImageNet weights, a second Rescaling by 1/sqrt(std)); our model takes the
-normalised image instead, so ``keras_input_normalization`` reads what those layers do.
+stage (V2 calls the depthwise conv dwconv2; its Fused-MBConv blocks have expand_conv/expand_bn,
+the k x k conv, and project_conv/project_bn, or only project_conv/project_bn when they do not
+expand); top_conv, top_bn, predictions. The model starts with Rescaling(1/255) and Normalization
+(plus, for the ImageNet weights, a second Rescaling by 1/sqrt(std); V2-S/M/L: one
+Rescaling(1/128, offset -1)); our model takes the normalised image instead, so
+``keras_input_normalization`` reads what those layers do.
 """
 
 from __future__ import annotations
@@ -52,13 +56,16 @@ def block_prefixes(blocks: list[arch.BlockSpec]) -> dict[int, str]:
     return out
 
 
-def keras_plan(shapes: Mapping[str, tuple[int, ...]], blocks: list[arch.BlockSpec]) -> core.Plan:
+def keras_plan(
+    shapes: Mapping[str, tuple[int, ...]], blocks: list[arch.BlockSpec], v2: bool = False
+) -> core.Plan:
     prefixes = block_prefixes(blocks)
+    names = dict(_BLOCK, dw_conv='dwconv2') if v2 else _BLOCK
     plan = {}
     for path in shapes:
         index, rest = core.block_path(path)
         module, leaf = rest.rsplit('/', 1)
-        layer = _TOP[module] if index is None else prefixes[index] + _BLOCK[module]
+        layer = _TOP[module] if index is None else prefixes[index] + names[module]
         var = _BN_LEAF[leaf] if module.endswith('_bn') else leaf
         transform = core.depthwise_from_tf if module == 'dw_conv' else core.identity
         plan[path] = (f'{layer}/{var}', transform)
@@ -102,19 +109,27 @@ def _h5_head(f: Any) -> int | None:
     return dense[0][1] if dense else None
 
 
+KERAS_V2 = ('b0', 'b1', 'b2', 'b3', 's', 'm', 'l')
+
+
 def _keras_class(name: str) -> str:
     v = arch.get_variant(name)
-    suffix = v.name.removeprefix('efficientnet-')
-    if v.is_lite or suffix not in {f'b{i}' for i in range(8)}:
-        raise ValueError(
-            f'keras.applications has no {v.name}; Keras weights exist for '
-            'efficientnet-b0 ... efficientnet-b7'
-        )
-    return 'EfficientNet' + suffix.upper()
+    if v.is_v2:
+        suffix = v.name.removeprefix('efficientnetv2-')
+        if suffix in KERAS_V2:
+            return 'EfficientNetV2' + suffix.upper()
+    else:
+        suffix = v.name.removeprefix('efficientnet-')
+        if not v.is_lite and suffix in {f'b{i}' for i in range(8)}:
+            return 'EfficientNet' + suffix.upper()
+    raise ValueError(
+        f'keras.applications has no {v.name}; Keras weights exist for efficientnet-b0 ... '
+        'efficientnet-b7 and efficientnetv2-b0 ... -b3, -s, -m, -l'
+    )
 
 
 def load_keras_file(path: str, name: str) -> Any:
-    """Builds ``keras.applications.EfficientNetB?(weights=None)`` with the head the file has and
+    """Builds ``keras.applications.EfficientNet[V2]*(weights=None)`` with the head the file has and
     loads the file (``.keras``, ``.weights.h5`` or legacy ``.h5``; local or gs://) into it."""
     if not paths.as_path(path).is_file():
         raise FileNotFoundError(f'Keras weights file not found: {path}')
@@ -158,8 +173,8 @@ def classifier_classes(model: Any) -> int:
 def from_keras(
     model_or_file: Any, name: str, *, num_classes: int = 1000, skip_head: bool = False
 ) -> dict[str, dict]:
-    """Converts a keras.applications EfficientNetB0-B7 (a built model or a ``.keras`` /
-    ``.weights.h5`` / ``.h5`` file) for model ``name``.
+    """Converts a keras.applications EfficientNetB0-B7 or EfficientNetV2* (a built model or a
+    ``.keras`` / ``.weights.h5`` / ``.h5`` file) for model ``name``.
 
     The Keras model's input preprocessing is not part of the result; feed our model
     ``(x - mean) / std`` with ``mean, std = keras_input_normalization(keras_model)``.
@@ -177,7 +192,7 @@ def from_keras(
     ignored = preprocessing + (list(_HEAD_KEYS) if skip_head else [])
     return core.assemble(
         source,
-        keras_plan(shapes, core.blocks_of(canonical)),
+        keras_plan(shapes, core.blocks_of(canonical), arch.get_variant(canonical).is_v2),
         shapes,
         ignored=ignored,
         what='Keras weights',

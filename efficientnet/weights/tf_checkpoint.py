@@ -1,13 +1,16 @@
-"""Official TensorFlow checkpoints (tensorflow/tpu ``models/official/efficientnet``).
+"""Official TensorFlow checkpoints (tensorflow/tpu ``models/official/efficientnet`` and
+google/automl ``efficientnetv2``, which name variables the same way).
 
-Variables live under the model's scope, e.g. ``efficientnet-b0/``:
+Variables live under the model's scope, e.g. ``efficientnet-b0/`` or ``efficientnetv2-s/``:
 
     stem/conv2d/kernel, stem/tpu_batch_normalization/{gamma,beta,moving_mean,moving_variance}
     blocks_N/...                          (see _block_names: numbering depends on expansion)
     head/conv2d/kernel, head/tpu_batch_normalization/*, head/dense/{kernel,bias}
 
 Inside a block, tf.layers numbers same-typed layers in call order, so a block without the
-expand conv shifts every later name by one. Training writes slots next to each variable
+expand conv shifts every later name by one. A V2 Fused-MBConv block holds conv2d (the k x k
+conv) and conv2d_1 (the projection) with their batch norms, or, without expansion, only
+conv2d and one batch norm. Training writes slots next to each variable
 (``<var>/ExponentialMovingAverage``, ``<var>/RMSProp``, ...); the EMA copy is what the official
 evaluation and exports use, so it is preferred when present.
 """
@@ -29,7 +32,19 @@ _HEAD_KEYS = ('head/dense/kernel', 'head/dense/bias')
 _log = logging.getLogger(__name__)
 
 
-def _block_names(expanded: bool, bn: str) -> dict[str, str]:
+def _block_names(spec: arch.BlockSpec, bn: str) -> dict[str, str]:
+    expanded = spec.expand != 1
+    if spec.fused:
+        if not expanded:
+            return {'project_conv': 'conv2d', 'project_bn': bn}
+        return {
+            'expand_conv': 'conv2d',
+            'expand_bn': bn,
+            'se/reduce': 'se/conv2d',
+            'se/expand': 'se/conv2d_1',
+            'project_conv': 'conv2d_1',
+            'project_bn': f'{bn}_1',
+        }
     if expanded:
         return {
             'expand_conv': 'conv2d',
@@ -70,7 +85,7 @@ def tf_plan(
         if index is None:
             scope = top[module]
         else:
-            scope = f'blocks_{index}/' + _block_names(blocks[index].expand != 1, bn)[module]
+            scope = f'blocks_{index}/' + _block_names(blocks[index], bn)[module]
         if module.endswith('_bn'):
             var = _BN_LEAF[leaf]
         elif module == 'dw_conv':
@@ -142,8 +157,9 @@ def from_tf_checkpoint(
     num_classes: int = 1000,
     skip_head: bool = False,
 ) -> dict[str, dict]:
-    """Converts an official tensorflow/tpu EfficientNet checkpoint (a prefix such as
-    ``efficientnet-b0/model.ckpt``, its '.index' file or its directory) for model ``name``.
+    """Converts an official tensorflow/tpu EfficientNet or google/automl EfficientNetV2
+    checkpoint (a prefix such as ``efficientnet-b0/model.ckpt``, its '.index' file or its
+    directory) for model ``name``.
 
     The model scope is read from the checkpoint; a scope naming another variant is an error.
     With ``use_ema`` each variable's ``ExponentialMovingAverage`` copy is taken where present.

@@ -51,8 +51,12 @@ class SqueezeExcite:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
+    """MBConv: [expand 1x1] -> depthwise (stride) -> [SE] -> project 1x1. Fused-MBConv
+    (EfficientNetV2): expand k x k (stride) -> [SE] -> project 1x1, or without expansion one
+    project k x k conv (stride) with its activation; no depthwise conv."""
+
     expand: Conv | None
-    depthwise: Conv
+    depthwise: Conv | None
     se: SqueezeExcite | None
     project: Conv
     residual: bool
@@ -104,11 +108,14 @@ def forward(ops: Ops, net: FoldedNetwork, images: Any) -> tuple[Any, Any]:
         inputs = x
         if block.expand is not None:
             x = ops.conv(x, block.expand, size)
-        x = ops.depthwise(x, block.depthwise, size)
-        size = _out_size(size, block.depthwise, net)
+            size = _out_size(size, block.expand, net)
+        if block.depthwise is not None:
+            x = ops.depthwise(x, block.depthwise, size)
+            size = _out_size(size, block.depthwise, net)
         if block.se is not None:
             x = ops.squeeze_excite(x, block.se)
         x = ops.conv(x, block.project, size)
+        size = _out_size(size, block.project, net)
         if block.residual:
             x = ops.add(x, inputs)
     x = ops.conv(x, net.head, size)
@@ -124,7 +131,8 @@ def resolve_normalization(
     normalization: str | tuple | None, variant: arch.Variant
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """A name from ``efficientnet.normalization.NORMALIZATIONS``, an explicit (mean, std) pair, or
-    None for the variant's own (ImageNet mean/std; (x - 127) / 128 for Lite)."""
+    None for the variant's own (ImageNet mean/std; (x - 127) / 128 for Lite; (x - 128) / 128 for
+    V2-S/M/L/XL)."""
     from efficientnet.normalization import NORMALIZATIONS
 
     if normalization is None:
@@ -217,8 +225,14 @@ def fold_network(
     blocks = []
     for spec in arch.build_blocks(variant, model.drop_path_rate):
         p, s = params[f'blocks_{spec.index}'], stats[f'blocks_{spec.index}']
-        expand = conv(p, s, 'expand_conv', 'expand_bn', 1, act) if spec.expand != 1 else None
-        dw = conv(p, s, 'dw_conv', 'dw_bn', spec.stride, act, depthwise=True)
+        # Fused-MBConv: the expansion (or, without one, the projection) is the strided k x k.
+        expand_stride = spec.stride if spec.fused else 1
+        expand = None
+        if spec.expand != 1:
+            expand = conv(p, s, 'expand_conv', 'expand_bn', expand_stride, act)
+        dw = None
+        if not spec.fused:
+            dw = conv(p, s, 'dw_conv', 'dw_bn', spec.stride, act, depthwise=True)
         se = None
         if spec.se_channels:
             q = p['se']
@@ -229,7 +243,10 @@ def fold_network(
                 _f32(q['expand']['bias']),
                 act,
             )
-        project = conv(p, s, 'project_conv', 'project_bn', 1, None)
+        if spec.fused and spec.expand == 1:
+            project = conv(p, s, 'project_conv', 'project_bn', spec.stride, act)
+        else:
+            project = conv(p, s, 'project_conv', 'project_bn', 1, None)
         blocks.append(Block(expand, dw, se, project, spec.has_residual))
     return FoldedNetwork(
         name=variant.name,
