@@ -162,6 +162,7 @@ def test_bad_values_are_reported_together_before_anything_compiles(train_env, tm
     print(f'refused in {seconds:.1f} s (interpreter start and imports included)')
 
 
+@pytest.mark.slow  # two train.py starts
 def test_init_from_of_another_model_is_refused_from_its_metadata(train_env, tmp_path):
     """A checkpoint of a wider model: its shapes are read from orbax's metadata and compared
     with the model's (eval_shape) before anything compiles or is written."""
@@ -178,6 +179,7 @@ def test_init_from_of_another_model_is_refused_from_its_metadata(train_env, tmp_
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow  # a train.py start up to its first compilation
 def test_a_good_config_passes_validation_and_reaches_compilation(train_env, tmp_path):
     """The control for the tests above: the same command line with a fitting init_from (other
     class count: only the classifier differs) gets past validation, writes config.json and

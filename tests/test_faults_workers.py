@@ -28,11 +28,13 @@ NAMED = {  # how the survivor's log names the lost process
 }
 
 
-def _kill_one_and_time_the_other(train_env, tmp_path, victim: int):
-    """Starts two processes, waits until both train, kill -9s ``victim``; returns (survivor
-    exit status, seconds from the kill to its exit, its stderr)."""
+def _kill_one_and_time_the_other(train_env, tmp_path, victim: int, *flags: str):
+    """Starts two processes (with ``flags``), waits until both train, kill -9s ``victim``;
+    returns (survivor exit status, seconds from the kill to its exit, its stderr)."""
     workdir = str(tmp_path / 'run')
-    procs, logs = _start_two_processes(train_env, workdir, tmp_path, '--config.num_epochs=100')
+    procs, logs = _start_two_processes(
+        train_env, workdir, tmp_path, '--config.num_epochs=100', *flags
+    )
     survivor = 1 - victim
     try:
         deadline = time.monotonic() + 420
@@ -45,7 +47,7 @@ def _kill_one_and_time_the_other(train_env, tmp_path, victim: int):
         killed = time.monotonic()
         procs[victim].wait()
         try:
-            procs[survivor].wait(timeout=120)
+            procs[survivor].wait(timeout=180)
         except Exception:  # noqa: BLE001 - reported below as a hang
             pass
         seconds = time.monotonic() - killed
