@@ -188,3 +188,33 @@ def test_names_and_aliases():
     assert tiny.variant.name not in efficientnet.list_models() and tiny.variant.is_v2
     with pytest.raises(ValueError, match='v2-s'):
         arch.get_variant('efficientnetv2-xxl')
+
+
+def test_training_mode_and_remat():
+    """Training mode (batch statistics, dropout, stochastic depth) through every block kind:
+    BatchNorm moving averages with V2's momentum 0.9, checked on the stem, whose batch
+    statistics are computed here with lax; remat keeps the parameter tree."""
+    model = efficientnet.create_model('v2-tiny', num_classes=4, depthwise_impl='xla')
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    logits, new = jax.jit(
+        lambda v: model.apply(
+            v, x, train=True, rngs={'dropout': jax.random.key(1)}, mutable=['batch_stats']
+        )
+    )(variables)
+    assert np.all(np.isfinite(logits))
+    stem = jax.lax.conv_general_dilated(
+        x,
+        variables['params']['stem_conv']['kernel'],
+        (2, 2),
+        [(0, 1), (0, 1)],  # TF SAME at 32 px, stride 2: the extra pixel bottom/right
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision='highest',
+    )
+    batch_mean = np.asarray(stem).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        new['batch_stats']['stem_bn']['mean'], 0.1 * batch_mean, rtol=1e-4, atol=1e-6
+    )
+    remat = efficientnet.create_model('v2-tiny', num_classes=4, remat=True)
+    shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables)
