@@ -271,10 +271,13 @@ def _is_oom(e: BaseException) -> bool:
     return any(s in text for s in ('RESOURCE_EXHAUSTED', 'Out of memory', 'OutOfMemory'))
 
 
-def _bisect(fits, lo: int, hi: int | None, start: int, max_tries: int) -> tuple[int, int | None]:
-    """The largest batch ``b`` with ``fits(b)``, by doubling from ``start`` until one fails and
-    then bisecting (at most ``max_tries`` calls). ``lo`` is known to fit (0: none known), ``hi``
-    known not to (None: none known). Returns (largest that fit, smallest that failed)."""
+def _bisect(
+    fits, lo: int, hi: int | None, start: int, max_tries: int, grow: float = 2.0
+) -> tuple[int, int | None]:
+    """The largest batch ``b`` with ``fits(b)``, by growing from ``start`` by ``grow`` until one
+    fails and then bisecting (at most ``max_tries`` calls). ``lo`` is known to fit (0: none
+    known), ``hi`` known not to (None: none known). Returns (largest that fit, smallest that
+    failed)."""
     b = start
     for _ in range(max_tries):
         if hi is not None and hi - lo <= max(1, lo // 32):  # within 3%: close enough
@@ -283,7 +286,7 @@ def _bisect(fits, lo: int, hi: int | None, start: int, max_tries: int) -> tuple[
             lo = b
         else:
             hi = b
-        b = lo * 2 if hi is None else (lo + hi) // 2
+        b = max(lo + 1, int(lo * grow)) if hi is None else (lo + hi) // 2
         if b <= lo:
             break
     return lo, hi
@@ -329,7 +332,8 @@ def max_batch_jax(name: str, batch: int, res: int, dtype: str, steps: int) -> di
         finally:
             jax.clear_caches()
 
-    lo, hi = _bisect(fits, 0, None, max(1, guess), max_tries=5)
+    # Each try compiles the step again: few tries, growing 10% from the estimate.
+    lo, hi = _bisect(fits, 0, None, max(1, guess), max_tries=4, grow=1.1)
     row = {**_jax_row(name, lo, res, dtype), 'max_batch': lo, 'failed_batch': hi}
     row.update({'estimate_from_memory_analysis': guess, 'bytes_limit_gib': (limit or 0) / 2**30})
     if lo:

@@ -44,9 +44,9 @@ part() {  # part NAME CAP_SECONDS ARGS...: one benchmark run, cut at min(CAP, wh
   "$PY" -c 'import sys, jax, flax, optax, torch; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.devices())'
 } 2>&1 | tee "$OUT/environment.txt"
 
-part b0_224 110 --model b0 --resolution 224 --batch 256 --dtype bfloat16 --steps 10 --torch
+part b0_224 100 --model b0 --resolution 224 --batch 256 --dtype bfloat16 --steps 10 --torch
 part b4_380 130 --model b4 --resolution 380 --batch 64 --dtype bfloat16 --steps 10 --torch
-part b7_600_max_batch 170 --model b7 --resolution 600 --batch 16 --dtype bfloat16 --steps 3 \
+part b7_600_max_batch 200 --model b7 --resolution 600 --batch 16 --dtype bfloat16 --steps 3 \
   --max-batch --torch
 part b7_600_compile 120 --model b7 --resolution 600 --batch 8 --dtype bfloat16 --steps 2 \
   --scan-blocks both --cache-dir "$(mktemp -d)"
