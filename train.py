@@ -179,7 +179,10 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
         logging.info('derived %s = %s', k, v)
     if jax.process_index() == 0:
         config_resolve.write_resolved(config, plan, workdir)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # TensorBoard (and the sweep and plot tools that read its event files) keeps every scalar;
+    # the console gets train.py's own one line per report below, not clu's logging writer too.
+    writers = [metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else []
+    writer = metric_writers.AsyncMultiWriter(writers)
 
     run = run_lib.create_run(config, plan)
     mesh, train_step, eval_step = run.mesh, run.train_step, run.eval_step
@@ -304,10 +307,13 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                 if step % plan.eval_every_micro_steps == 0 or step == total:
                     last_eval = evaluate(eval_step, state, config, plan, mesh)
                     writer.write_scalars(step, last_eval)
+                    # Six significant digits: what scripts/eval.py reports can be checked
+                    # against this line.
                     logging.info(
-                        'eval at step %d: top1 %.4f (EMA %.4f) top5 %.4f (EMA %.4f) '
-                        'loss %.4f (EMA %.4f) on %d examples',
+                        'eval at step %d epoch %.2f | top1 %.6g (EMA %.6g) top5 %.6g (EMA %.6g) '
+                        'loss %.6g (EMA %.6g) on %d examples',
                         step,
+                        step / plan.grad_accum_steps / plan.steps_per_epoch,
                         last_eval['eval/raw_top1'],
                         last_eval['eval/ema_top1'],
                         last_eval['eval/raw_top5'],

@@ -41,6 +41,7 @@ _OVERRIDES = (
     'bn_momentum',
     'features_only',
     'remat',
+    'scan_blocks',
 )
 _SCALING = ('width', 'depth', 'resolution')
 
@@ -88,9 +89,10 @@ def create_model(
     depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
     bn_momentum (the BatchNorm moving-average momentum; default the variant's), features_only,
     remat (recompute each block's activations in the backward pass instead of keeping them;
-    the same gradients); and the scaling coefficients width, depth and resolution
-    (``scaled_variant``). This is the one place a model is built from a name: training, the
-    scripts and the tests all come through here.
+    the same gradients), scan_blocks (compile each stage's repeated blocks once: compile time
+    that does not grow with depth; the same variables and outputs); and the scaling
+    coefficients width, depth and resolution (``scaled_variant``). This is the one place a
+    model is built from a name: training, the scripts and the tests all come through here.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDES) - set(_SCALING))
     if unknown:
@@ -111,8 +113,9 @@ def create_model(
     g = overrides.get('bn_group_size')
     if g is not None and (not isinstance(g, int) or g < 1):
         raise ValueError(f'bn_group_size must be a positive int or None, got {g!r}')
-    if not isinstance(overrides.get('remat', False), bool):
-        raise ValueError(f'remat must be True or False, got {overrides["remat"]!r}')
+    for key in ('remat', 'scan_blocks'):
+        if not isinstance(overrides.get(key, False), bool):
+            raise ValueError(f'{key} must be True or False, got {overrides[key]!r}')
     return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +23,7 @@ from efficientnet.layers import (
 Array = jax.Array
 
 
-def drop_path(x: Array, survival: float, rng: Array) -> Array:
+def drop_path(x: Array, survival: float | Array, rng: Array) -> Array:
     """Stochastic depth: keeps each example's branch with probability ``survival`` and divides
     the kept ones by it (per-example Bernoulli mask, docs/reference.md §3)."""
     keep = jax.random.bernoulli(rng, survival, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -58,7 +60,16 @@ class MBConv(nn.Module):
     bn_momentum: float = 0.99
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        survival: Array | None = None,
+        rng: Array | None = None,
+    ) -> Array:
+        """``survival`` and ``rng``, when given, replace ``spec.survival`` and the block's own
+        'dropout' key for stochastic depth: a scan over repeated blocks passes each block's
+        rate and key (the one the block would draw unscanned) as scanned inputs."""
         s = self.spec
         act = activation_fn(self.activation)
         bn = dict(
@@ -79,15 +90,25 @@ class MBConv(nn.Module):
             x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
         x = Conv2D(s.out_channels, dtype=self.dtype, name='project_conv')(x)
         x = BatchNorm(**bn, name='project_bn')(x)
-        return _residual(self, x, inputs, train)
+        return _residual(self, x, inputs, train, survival, rng)
 
 
-def _residual(block: nn.Module, x: Array, inputs: Array, train: bool) -> Array:
-    """Stochastic depth and the skip connection, when the block keeps its shape."""
+def _residual(
+    block: nn.Module,
+    x: Array,
+    inputs: Array,
+    train: bool,
+    survival: Array | None = None,
+    rng: Array | None = None,
+) -> Array:
+    """Stochastic depth and the skip connection, when the block keeps its shape. ``survival``
+    and ``rng``, when given, replace ``spec.survival`` and the block's own 'dropout' key (a scan
+    over repeated blocks passes each block's rate and key as scanned inputs)."""
     s = block.spec
     if s.has_residual:
         if train and s.survival < 1.0:
-            x = drop_path(x, s.survival, block.make_rng('dropout'))
+            rate = s.survival if survival is None else survival
+            x = drop_path(x, rate, block.make_rng('dropout') if rng is None else rng)
         x = x + inputs
     return x
 
@@ -111,7 +132,14 @@ class FusedMBConv(nn.Module):
     bn_momentum: float = 0.99
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        survival: Array | None = None,
+        rng: Array | None = None,
+    ) -> Array:
+        """``survival`` and ``rng``: as ``MBConv``'s."""
         s = self.spec
         act = activation_fn(self.activation)
         bn = dict(
@@ -134,7 +162,44 @@ class FusedMBConv(nn.Module):
                 raise ValueError('a Fused-MBConv block without expansion has no squeeze-excite')
             x = Conv2D(s.out_channels, s.kernel, s.stride, **conv, name='project_conv')(x)
             x = act(BatchNorm(**bn, name='project_bn')(x))
-        return _residual(self, x, inputs, train)
+        return _residual(self, x, inputs, train, survival, rng)
+
+
+class _BlockRng(nn.Module):
+    """Draws the 'dropout' key that a block of the same name draws (flax derives a module's keys
+    from its name path), so a scanned block drops the same examples as the unscanned one."""
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.make_rng('dropout')
+
+
+def _shape_key(spec: arch.BlockSpec) -> arch.BlockSpec:
+    """The spec without what differs between the repeats of a stage (position and
+    stochastic-depth rate; whether the rate is below 1 stays: it selects code)."""
+    return dataclasses.replace(spec, index=0, survival=float(spec.survival < 1.0))
+
+
+def scan_runs(blocks: list[arch.BlockSpec], ends: Iterable[int] = ()) -> list[list[arch.BlockSpec]]:
+    """Splits ``blocks`` into consecutive runs that one compiled block body can compute: the
+    blocks of a run differ only in index and stochastic-depth rate and keep the shape of their
+    input (stride 1, as many channels out as in), so a stage becomes its first block plus one
+    run of its repeats. A run also ends at each index in ``ends`` (the endpoints)."""
+    ends = set(ends)
+    runs: list[list[arch.BlockSpec]] = []
+    for spec in blocks:
+        prev = runs[-1][-1] if runs else None
+        if (
+            prev is not None
+            and prev.index not in ends
+            and spec.stride == 1
+            and spec.in_channels == spec.out_channels
+            and _shape_key(spec) == _shape_key(prev)
+        ):
+            runs[-1].append(spec)
+        else:
+            runs.append([spec])
+    return runs
 
 
 class EfficientNet(nn.Module):
@@ -154,6 +219,14 @@ class EfficientNet(nn.Module):
     inputs and recomputes everything inside a block from its input, trading a second forward
     pass through the blocks for the activation memory of the large variants. The parameters and
     their names are the same as without it, the gradients equal within float32 rounding.
+
+    ``scan_blocks=True`` computes the repeats of each stage (the blocks after its first, which
+    keep their input's shape) with one ``jax.lax.scan`` over their stacked variables, each
+    block's stochastic-depth rate and dropout key as scanned inputs: XLA compiles one block
+    body per stage instead of every block, so compile time stops growing with depth. The
+    variables stay one subtree per block (``blocks_<i>``, as without it; they are stacked
+    inside the call and the gradients flow back to each block's leaves), initialisation is the
+    same, and outputs and gradients equal the unscanned model's within float32 rounding.
     """
 
     variant: arch.Variant
@@ -167,6 +240,7 @@ class EfficientNet(nn.Module):
     bn_momentum: float | None = None  # None: the variant's (0.99 V1, 0.9 V2)
     features_only: bool = False  # backbone use: no head, returns the endpoints dict only
     remat: bool = False  # recompute each block's activations in the backward pass
+    scan_blocks: bool = False  # compile each stage's repeated blocks once (jax.lax.scan)
     dtype: Any = jnp.float32
 
     @property
@@ -210,26 +284,27 @@ class EfficientNet(nn.Module):
 
         blocks = self.blocks
         names = arch.endpoint_blocks(blocks)
-        # Per block (a later nn.scan over repeated blocks can wrap the same remat'd block).
         # ``train`` (argument 2, counting self) is static: it chooses Python branches (batch or
         # moving statistics, stochastic depth). Variables, rngs and names are lifted unchanged,
         # so the parameter tree and the dropout draws do not depend on ``remat``.
         kinds = {False: MBConv, True: FusedMBConv}
+        blocks_of = kinds
         if self.remat:
-            kinds = {k: nn.remat(v, static_argnums=(2,)) for k, v in kinds.items()}
-        for spec in blocks:
-            x = kinds[spec.fused](
-                spec,
-                activation,
-                self.padding,
-                self.depthwise_impl,
-                self.bn_group_size,
-                self.dtype,
-                momentum,
-                name=f'blocks_{spec.index}',
-            )(x, train)
-            if spec.index in names:
-                endpoints[names[spec.index]] = x
+            blocks_of = {k: nn.remat(v, static_argnums=(2,)) for k, v in kinds.items()}
+        options = (
+            activation, self.padding, self.depthwise_impl, self.bn_group_size, self.dtype, momentum
+        )  # fmt: skip
+        for run in scan_runs(blocks, names):
+            # Initialisation creates each block's variables the usual way (same values).
+            if self.scan_blocks and len(run) > 1 and not self.is_initializing():
+                template = kinds[run[0].fused](run[0], *options, parent=None)
+                x = self._scan_run(run, x, train, template)
+            else:
+                for spec in run:
+                    block = blocks_of[spec.fused]
+                    x = block(spec, *options, name=f'blocks_{spec.index}')(x, train)
+            if run[-1].index in names:
+                endpoints[names[run[-1].index]] = x
         if self.features_only:
             return endpoints
 
@@ -247,5 +322,39 @@ class EfficientNet(nn.Module):
             return endpoints
         return x
 
+    def _scan_run(self, run: list[arch.BlockSpec], x: Array, train: bool, template: nn.Module):
+        """``x`` through the blocks of ``run`` (see ``scan_runs``) as one ``jax.lax.scan`` of
+        ``template`` (an unbound block of the run's shape) over the blocks' stacked variables,
+        stochastic-depth rates and dropout keys; writes their new BatchNorm statistics back to
+        each block's own subtree."""
+        names = [f'blocks_{spec.index}' for spec in run]
+        stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+        xs = {
+            'variables': {
+                col: stack([tree[n] for n in names])
+                for col, tree in self.variables.items()
+                if col in ('params', 'batch_stats')
+            }
+        }
+        drop = train and run[0].survival < 1.0  # each block draws its own key, as unscanned
+        if drop:
+            xs['survival'] = jnp.asarray([spec.survival for spec in run], jnp.float32)
+            xs['rng'] = jnp.stack([_BlockRng(name=n)() for n in names])
+        mutable = ['batch_stats'] if self.is_mutable_collection('batch_stats') else False
 
-__all__ = ['EfficientNet', 'FusedMBConv', 'MBConv', 'SqueezeExcite', 'drop_path']
+        def body(carry, xs):
+            out = template.apply(
+                xs['variables'], carry, train, xs.get('survival'), xs.get('rng'), mutable=mutable
+            )
+            return (out[0], out[1]['batch_stats']) if mutable else (out, None)
+
+        if self.remat:  # as nn.remat per block: keep only each block's input
+            body = jax.checkpoint(body, prevent_cse=False)
+        x, new_stats = jax.lax.scan(body, x, xs)
+        if mutable:
+            for j, n in enumerate(names):
+                self.put_variable('batch_stats', n, jax.tree.map(lambda a, j=j: a[j], new_stats))
+        return x
+
+
+__all__ = ['EfficientNet', 'FusedMBConv', 'MBConv', 'SqueezeExcite', 'drop_path', 'scan_runs']

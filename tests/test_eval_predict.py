@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -327,10 +328,18 @@ def test_eval_of_a_workdir_uses_its_dataset(capsys):
     assert 'on folder validation: 3 examples at 32px' in captured.err
 
 
+_EVAL_LINE = re.compile(
+    r'eval at step (\d+) epoch \S+ \| top1 (\S+) \(EMA (\S+)\) top5 (\S+) \(EMA (\S+)\) '
+    r'loss (\S+) \(EMA (\S+)\) on (\d+) examples'
+)
+
+
 def logged_eval(log: str, step: int) -> dict[str, str]:
     """What train.py logged for its eval at ``step`` (``log``: its stderr): {'eval/...': value}."""
-    line = [ln for ln in log.splitlines() if f'[{step}] eval/count=' in ln][-1]
-    return dict(kv.split('=') for kv in line.split(f'[{step}] ', 1)[1].strip().split(', '))
+    found = [m for m in _EVAL_LINE.finditer(log) if int(m.group(1)) == step]
+    assert found, f'no eval line for step {step} in the log'
+    keys = ('raw_top1', 'ema_top1', 'raw_top5', 'ema_top5', 'raw_loss', 'ema_loss', 'count')
+    return {f'eval/{k}': v for k, v in zip(keys, found[-1].groups()[1:])}
 
 
 def assert_eval_agrees_with_training_log(workdir, step, log, tmp_path, batch_size):
@@ -355,7 +364,7 @@ def test_eval_of_a_workdir_step_agrees_with_the_training_run(tmp_path):
     workdir, _ = trained_workdir()
     with open(training_log()) as f:
         log = f.read()
-    assert '[2] eval/count=3,' in log
+    assert logged_eval(log, 2)['eval/count'] == '3'
     assert_eval_agrees_with_training_log(workdir, 2, log, tmp_path, batch_size=2)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import efficientnet
-from efficientnet.model import drop_path
+from efficientnet import arch
+from efficientnet.model import drop_path, scan_runs
 
 
 @pytest.fixture(scope='module')
@@ -248,3 +249,68 @@ def test_remat_keeps_parameters_and_gradients(tiny):
     for ours, ref in ((loss_r, loss), (logits_r, logits), (stats_r, stats), (grads_r, grads)):
         atol = 1e-5 * max(float(np.abs(a).max()) for a in jax.tree.leaves(ref))
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=atol), ours, ref)
+
+
+def test_scan_runs_group_each_stages_repeats_behind_its_first_block():
+    """Whatever the depth, a stage is its first block plus one run of its repeats, so the
+    number of block bodies XLA compiles is at most two per stage (B0's 16 blocks form 12 runs,
+    B7's 55 form 14); endpoints always end a run."""
+    for name in ('b0', 'b7', 'lite4', 'tiny'):
+        blocks = efficientnet.create_model(name).blocks
+        ends = arch.endpoint_blocks(blocks)
+        runs = scan_runs(blocks, ends)
+        assert [b for run in runs for b in run] == blocks
+        stages = sorted({b.stage for b in blocks})
+        for s in stages:
+            in_stage = [run for run in runs if run[0].stage == s]
+            assert len(in_stage) <= 2 and len(in_stage[0]) == 1
+            assert all(b.stage == s for r in in_stage for b in r)
+        assert len(runs) <= 2 * len(stages)
+        assert all(i == run[-1].index for run in runs for i in ends if i in {b.index for b in run})
+
+
+@pytest.mark.slow  # four training-mode compiles of a small model: minutes on 2 shared cores
+def test_scanned_blocks_keep_variables_outputs_and_gradients():
+    """``scan_blocks=True`` changes the program, not the model: initialisation gives the same
+    per-block variables bit for bit (so checkpoints and weight files load either way),
+    variables move between the two models in both directions with the same eval logits, and a
+    training step with dropout gives the same loss, logits, batch statistics and gradients
+    within float32 rounding, with remat too. With stochastic depth each scanned block draws
+    the key it draws unscanned, so the same examples are dropped: a different draw moves the
+    results by O(1); here they agree within 1e-3 (dividing by a traced rate instead of a
+    constant rounds differently, and training-mode BatchNorm over 4 examples amplifies it).
+    Depth 1.0 gives the tiny width stages of 2 and 3 repeats, each scanned."""
+    make = lambda **kw: efficientnet.create_model('tiny', num_classes=10, depth=1.0, **kw)
+    plain, scanned, both = make(), make(scan_blocks=True), make(scan_blocks=True, remat=True)
+    with pytest.raises(ValueError, match='scan_blocks must be True or False'):
+        efficientnet.create_model('tiny', scan_blocks=1)
+    runs = scan_runs(plain.blocks, arch.endpoint_blocks(plain.blocks))
+    long_runs = [r for r in runs if len(r) > 1]
+    assert len(long_runs) >= 3 and all(b.has_residual and b.survival < 1 for b in long_runs[0])
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 10
+    v = jax.jit(plain.init)(jax.random.key(1), x[:1])
+    v_scanned = jax.jit(scanned.init)(jax.random.key(1), x[:1])
+    jax.tree.map(np.testing.assert_array_equal, v_scanned, v)
+    assert jax.tree.structure(v_scanned) == jax.tree.structure(v)
+
+    def close(ours, ref, rtol):
+        atol = rtol * max(float(np.abs(a).max()) for a in jax.tree.leaves(ref))
+        check = functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol)
+        jax.tree.map(check, ours, ref)
+
+    eval_fn = lambda m, variables: jax.jit(functools.partial(m.apply, train=False))(variables, x)
+    close(eval_fn(scanned, v), eval_fn(plain, v), 1e-6)  # unscanned variables, scanned model
+    close(eval_fn(plain, v_scanned), eval_fn(scanned, v_scanned), 1e-6)  # and the other way
+
+    step = lambda fn: jax.jit(jax.value_and_grad(fn, has_aux=True))(v['params'])
+    count = lambda fn: sum(e.primitive.name == 'scan' for e in jax.make_jaxpr(fn)(v['params']).eqns)
+    no_depth = [make(drop_path_rate=0.0, scan_blocks=s) for s in (False, True)]
+    losses = [_train_loss(m, v, x, labels) for m in no_depth]
+    assert [count(fn) for fn in losses] == [0, len(long_runs)]  # one scan per long run
+    close(step(losses[1]), step(losses[0]), 1e-5)
+    losses = [_train_loss(m, v, x, labels) for m in (plain, scanned, both)]
+    assert [count(fn) for fn in losses] == [0, len(long_runs), len(long_runs)]
+    ref = step(losses[0])
+    for fn in losses[1:]:
+        close(step(fn), ref, 1e-3)

@@ -22,6 +22,7 @@ import pytest
 
 from configs import smoke
 from efficientnet.weights import train_state
+from scripts import plot_metrics
 from tests.test_eval_predict import assert_eval_agrees_with_training_log
 from training import allocator, compilation
 
@@ -80,6 +81,26 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert resolved['derived']['total_steps'] == 8
     assert resolved['derived']['learning_rate'] == pytest.approx(0.016 * 16 / 256)
     assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+
+
+def test_console_says_each_report_once_and_tensorboard_keeps_every_scalar(uninterrupted):
+    """One console line per metric report (step, epoch, images/s, ETA) and one per eval; the
+    metric writer logs nothing to the console (it printed every report a second time), while
+    the TensorBoard event files keep every scalar at every reported step."""
+    workdir, p = uninterrupted
+    lines = p.stderr.splitlines()
+    reports = [ln for ln in lines if re.search(r'\bstep \d+/8 ', ln)]
+    assert [re.search(r'step (\d+)/8', ln).group(1) for ln in reports] == ['2', '4', '6', '8']
+    for ln in reports:
+        assert re.search(r'epoch \d+\.\d\d .* img/s .* ETA \d+m\d\ds$', ln), ln
+    evals = [re.search(r'eval at step (\d+) epoch', ln) for ln in lines]
+    assert [m.group(1) for m in evals if m] == ['4', '8']
+    assert 'train/loss=' not in p.stderr and 'eval/ema_top1=' not in p.stderr  # clu's format
+    scalars = plot_metrics.read_scalars(workdir)
+    for tag in ('train/loss', 'train/top1', 'train/images_per_sec', 'train/epoch'):
+        assert [s for s, _ in scalars[tag]] == [2, 4, 6, 8], tag
+    for tag in ('eval/ema_top1', 'eval/raw_top1', 'eval/ema_loss', 'eval/count'):
+        assert [s for s, _ in scalars[tag]] == [4, 8], tag
 
 
 def test_eval_script_on_the_smoke_workdir_reports_the_runs_final_eval(uninterrupted, tmp_path):

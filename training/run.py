@@ -1,10 +1,12 @@
 """One wiring of a training run from a config: mesh, model, learning-rate schedule, optimizer,
 state shapes and shardings, and the jitted train and eval steps.
 
-``train.py``, ``scripts/benchmark_train.py`` and the tests all build their runs through
-``create_run``, so the pieces meet in one place and a benchmark or a test runs exactly the step
-that training runs. Restoring or initialising the state stays with the caller (``train.py``
-resumes from checkpoints; tests and benchmarks call ``Run.init_state``).
+``train.py`` and the tests build their runs through ``create_run``, so the pieces meet in one
+place and a test runs exactly the step that training runs. ``scripts/benchmark_train.py``
+wires the official recipe's step from the same modules without the config library (it must
+run where only jax, flax, optax and torch are installed); ``tests/test_benchmarks.py`` checks
+that it compiles to the program ``create_run`` builds. Restoring or initialising the state
+stays with the caller (``train.py`` resumes from checkpoints; tests call ``Run.init_state``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""scripts/benchmark_train.py: it times the step train.py runs, and it runs where only jax,
+flax, optax and torch are installed (the GPU machines' image: no TensorFlow, tfds, clu or
+ml_collections). Speeds are never asserted here (docs/benchmarks.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import base
+from scripts import benchmark_train
+from training import config_resolve
+from training import run as run_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISSING_ON_GPU_IMAGE = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections', 'keras')
+
+
+def test_recipe_run_compiles_to_the_step_of_the_base_config():
+    """The benchmark wires the official recipe without configs/: the train step it builds
+    lowers to the same program as training.run.create_run's from configs/base.py (same
+    model, schedule, optimizer, decay mask, EMA and shardings), and so does the state
+    initialisation. A recipe change in configs/base.py that the benchmark misses fails here."""
+    name, batch, res = 'efficientnet-tiny', 8, 32
+    config = base.get_config()
+    config.model.name = name
+    config.model.compute_dtype = 'float32'
+    config.data.resolution = res
+    config.batch_size = batch
+    plan = config_resolve.resolve(
+        config,
+        device_count=jax.device_count(),
+        dataset_info_fn=lambda _: benchmark_train.IMAGENET,
+    )
+    ours = run_lib.create_run(config, plan)
+    bench = benchmark_train.recipe_run(name, batch, res, 'float32')
+    assert bench.model == ours.model
+    batch_shapes = {
+        'image': jax.ShapeDtypeStruct((batch, res, res, 3), 'uint8'),
+        'label': jax.ShapeDtypeStruct((batch,), 'int32'),
+    }
+    lower = lambda step: step.lower(ours.abstract_state, batch_shapes).as_text()
+    assert lower(bench.train_step) == lower(ours.train_step)
+    key = jax.random.key(0)
+    init = run_lib.state_lib.jit_init(
+        run_lib.state_lib.make_init_fn(ours.model, ours.tx, res), ours.state_shardings, ours.mesh
+    )
+    assert bench.init.lower(key).as_text() == init.lower(key).as_text()
+
+
+@pytest.mark.slow  # a tiny model's state initialisation and train step compile: ~1 min idle
+def test_benchmark_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
+    """The script on a tiny model, in a Python where TensorFlow, tfds, clu, ml_collections and
+    Keras cannot be imported: it reports the time to the first step in parts and the step's
+    speed."""
+    poison = f'import sys; sys.modules.update(dict.fromkeys({MISSING_ON_GPU_IMAGE!r}))'
+    run = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    env = dict(os.environ, EFFICIENTNET_TCMALLOC='0', XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    args = ['--model', 'tiny', '--batch', '2', '--resolution', '32', '--steps', '1']
+    args += ['--cache-dir', str(tmp_path / 'cache'), '--json']
+    script = os.path.join(ROOT, 'scripts', 'benchmark_train.py')
+    p = subprocess.run(
+        [sys.executable, '-c', f'{poison}; {run}', script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout[p.stdout.index('[') :])
+    assert [r['scan_blocks'] for r in rows] == [True]
+    for r in rows:
+        assert r['model'] == 'efficientnet-tiny' and r['batch'] == 2 and r['backend'] == 'cpu'
+        parts = r['trace_s'] + r['compile_s'] + r['first_run_s']
+        assert 0 < parts <= r['time_to_first_step_s'] and r['train_img_s'] > 0
+
+
+@pytest.mark.parametrize('fits_below', [1, 5, 37, 1000])
+def test_bisect_finds_the_largest_batch_that_fits(fits_below):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b < fits_below
+
+    lo, hi = benchmark_train._bisect(fits, 0, None, 4, max_tries=20)
+    assert lo < fits_below <= hi and hi - lo <= max(1, lo // 32)  # within 3%
+    assert len(tried) <= 2 * fits_below.bit_length() + 2  # doubling, then halving
