@@ -82,6 +82,27 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
 
 
+def test_latest_and_best_checkpoints_carry_checksums_and_orbax_metadata(uninterrupted, caplog):
+    """Every saved step, latest and best, holds orbax's step metadata and the checksums of its
+    arrays, and reads back verified without orbax warning about missing metadata."""
+    workdir, _ = uninterrupted
+    step_dirs = [
+        os.path.join(workdir, sub, name)
+        for sub in (train_state.LATEST_DIR, train_state.BEST_DIR)
+        for name in os.listdir(os.path.join(workdir, sub))
+    ]
+    assert len(step_dirs) == 3, step_dirs  # checkpoints/4, checkpoints/8, best/<4 or 8>
+    for step_dir in step_dirs:
+        assert os.path.isfile(os.path.join(step_dir, '_CHECKPOINT_METADATA')), step_dir
+        record = train_state.read_checksums(step_dir)
+        with caplog.at_level('WARNING'):
+            state = train_state.read_state(os.path.join(step_dir, train_state.STATE_ITEM))
+        assert len(record['arrays']) == len(jax.tree.leaves(state))
+    assert not [r for r in caplog.records if r.levelname in ('WARNING', 'ERROR')], [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 def test_eval_script_on_the_smoke_workdir_reports_the_runs_final_eval(uninterrupted, tmp_path):
     """scripts/eval.py reads the fake data from the same source as train.py: on the final
     checkpoint it reports the run's own final eval (EMA and raw top-1, top-5, loss)."""
