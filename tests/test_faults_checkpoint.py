@@ -63,7 +63,7 @@ def test_digest_matches_a_plain_python_hash_on_any_sharding(rng):
     one = np.asarray(jax.jit(train_state.digests)([jnp.asarray(x)]))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec('data')))
-    eight = ckpt_lib.digest([sharded])
+    eight = train_state.device_digests([sharded])
     assert tuple(int(v) for v in one[0, :2]) == want
     np.testing.assert_array_equal(one, eight)
     assert one[0, 2] == 1  # finite
@@ -326,6 +326,7 @@ def _run(env, workdir, *overrides, preexec_fn=None, timeout=420):
     )
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before_exactly(
     train_env, uninterrupted, tmp_path
 ):
@@ -345,6 +346,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before_exact
     _assert_same_state(workdir, uninterrupted[0], 8)
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_save_resumes_exactly(train_env, uninterrupted, tmp_path):
     """SIGKILL while orbax is writing a step (its temporary directory exists, not yet renamed):
     the rerun resumes from the last complete step and ends bit-identical to the uninterrupted
@@ -397,6 +399,7 @@ def _file_size_limit(limit):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failing_save_stops_the_run_with_one_line_and_keeps_the_older_checkpoint(
     train_env, uninterrupted, tmp_path
 ):
@@ -418,6 +421,7 @@ def test_a_failing_save_stops_the_run_with_one_line_and_keeps_the_older_checkpoi
     _assert_same_state(workdir, uninterrupted[0], 4)  # read_state verifies its checksums
 
 
+@pytest.mark.slow
 def test_a_diverged_state_is_not_saved_and_the_run_stops_naming_the_step(
     train_env, uninterrupted, tmp_path
 ):

@@ -318,8 +318,9 @@ def test_profiler_window_writes_a_trace_of_the_train_steps(env, tmp_path):
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupted, tmp_path):
-    """SIGTERM mid-run: the run saves at the step it reached and exits with status 0; the
-    same command resumes, and a run resumed to step 8 equals the uninterrupted one."""
+    """SIGTERM mid-run: the run saves at the step it reached and exits with status 0; the saved
+    step carries checksums and verifies; the same command resumes, and a run resumed to step 8
+    equals the uninterrupted one."""
     workdir = str(tmp_path)
     # Many epochs, so the signal surely lands mid-run; the exponential schedule does not
     # depend on the run length, so the first 8 steps are those of the 8-step run.
@@ -348,6 +349,9 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
     saved = int(_final_line(rest_out).split('step ')[1].split(';')[0])
     if saved >= 8:
         pytest.skip(f'the machine was too slow: the signal landed at step {saved}')
+    step_dir = os.path.join(workdir, 'checkpoints', str(saved))
+    assert train_state.read_checksums(step_dir) is not None  # and _load verifies them:
+    assert int(_load(workdir, saved)['step']) == saved
     second = _train(env, workdir, '--config.num_epochs=2')
     assert f'resumed from step {saved}' in second.stderr
     _assert_same_state(workdir, uninterrupted[0], 8)

@@ -32,16 +32,14 @@ What this module adds for safety:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from efficientnet import paths, weights
 from efficientnet.weights import train_state
@@ -77,27 +75,10 @@ def _cause(error: BaseException) -> str:
     ):
         error = error.__cause__ or error.__context__
     text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + '...'
-
-
-@functools.cache
-def _digest_fn(out_sharding: NamedSharding | None):
-    return jax.jit(train_state.digests, out_shardings=out_sharding)
-
-
-def digest(tree: Any) -> np.ndarray:
-    """``train_state.digests`` of a tree of global jax.Arrays, on the devices that hold them
-    (one jitted pass; a few bytes per array come back to every process)."""
-    mesh = next(
-        (
-            x.sharding.mesh
-            for x in jax.tree.leaves(tree)
-            if isinstance(getattr(x, 'sharding', None), NamedSharding)
-        ),
-        None,
-    )
-    out = _digest_fn(None if mesh is None else NamedSharding(mesh, PartitionSpec()))(tree)
-    return np.asarray(out.addressable_data(0))
+    # TensorStore appends its whole spec and source locations; the OS's reason (e.g. 'File too
+    # large', 'No space left on device') ends the message before them.
+    text = re.split(r' \[(?:tensorstore_spec|source locations)=', text)[0]
+    return text if len(text) <= 320 else f'{text[:140]} ... {text[-170:]}'
 
 
 @dataclasses.dataclass
@@ -153,7 +134,7 @@ class Checkpointer:
         """The checksums of ``state``; NonFiniteStateError if any array is not finite."""
         if self._checked is not None and self._checked[0] == step:
             return self._checked[1]
-        d = digest(state)
+        d = train_state.device_digests(state)
         bad = train_state.non_finite(state, d)
         if bad:
             more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
@@ -286,10 +267,18 @@ class Checkpointer:
         target = _abstract(abstract_state, shardings)
         skipped = []
         for step in sorted(self.latest.all_steps(), reverse=True):
+            restored, record, failure = None, None, None
             try:
-                state = self._restore_verified(step, target)
+                restored, record = self._read(step, target)
             except Exception as e:  # orbax and TensorStore raise many kinds
-                tag, why = (e.tag, str(e)) if isinstance(e, _Damaged) else ('unreadable', _cause(e))
+                failure = (e.tag, str(e)) if isinstance(e, _Damaged) else ('unreadable', _cause(e))
+            # A file may fail to read on one process only: all of them must skip the step.
+            if not _on_every_process(failure is None) and failure is None:
+                failure = ('unreadable', 'another process could not read it')
+            if failure is None:  # the digests are collective: every process, the same result
+                failure = self._verify(step, restored, record)
+            if failure is not None:
+                tag, why = failure
                 kept = self._set_aside(step, tag)
                 logging.warning(
                     'checkpoint step %d skipped: %s; kept as %s; trying the step before it',
@@ -305,7 +294,7 @@ class Checkpointer:
             if path.exists():
                 data_state = path.read_bytes()
             logging.info('restored checkpoint at step %d from %s (verified)', step, self.workdir)
-            return state, data_state
+            return restored, data_state
         if skipped:
             raise CheckpointError(
                 f'no checkpoint in {self.latest.directory} restores: skipped '
@@ -314,19 +303,21 @@ class Checkpointer:
             )
         return None
 
-    def _restore_verified(self, step: int, target: Any) -> TrainState:
+    def _read(self, step: int, target: Any) -> tuple[TrainState, dict | None]:
+        """Step ``step``'s state and checksums, read by this process (raises if it cannot)."""
         step_dir = os.path.join(str(self.latest.directory), str(step))
         try:
             record = train_state.read_checksums(step_dir)
         except ValueError as e:
             raise _Damaged('checksums', str(e)) from None
-        if record is None and _lists_checksums(step_dir):
+        if record is None and train_state.lists_checksums(step_dir):
             raise _Damaged('checksums', f'{step_dir}: its checksums file is missing')
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(**{train_state.STATE_ITEM: ocp.args.StandardRestore(target)}),
-        )[train_state.STATE_ITEM]
-        d = digest(restored)
+        args = ocp.args.Composite(**{train_state.STATE_ITEM: ocp.args.StandardRestore(target)})
+        return self.latest.restore(step, args=args)[train_state.STATE_ITEM], record
+
+    def _verify(self, step: int, state: TrainState, record: dict | None) -> tuple | None:
+        """(tag, why) if ``state`` is not what was saved or not finite, else None."""
+        d = train_state.device_digests(state)
         if record is None:
             logging.warning(
                 'checkpoint step %d has no checksums (saved by an earlier version): '
@@ -334,14 +325,12 @@ class Checkpointer:
                 step,
             )
         else:
-            problems = train_state.mismatches(record, restored, d)
+            problems = train_state.mismatches(record, state, d)
             if problems:
                 more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
-                raise _Damaged('checksum', f'checksum mismatch: {problems[0]}{more}')
-        bad = train_state.non_finite(restored, d)
-        if bad:
-            raise _Damaged('nonfinite', f'non-finite values in {bad[0]}')
-        return restored
+                return 'checksum', f'checksum mismatch: {problems[0]}{more}'
+        bad = train_state.non_finite(state, d)
+        return ('nonfinite', f'non-finite values in {bad[0]}') if bad else None
 
     def _set_aside(self, step: int, tag: str) -> str:
         """Renames step ``step`` to ``<step>.skipped-<tag>`` (process 0; the others wait) so
@@ -362,15 +351,13 @@ class Checkpointer:
         return str(root.joinpath(name))
 
 
-def _lists_checksums(step_dir: str) -> bool:
-    """Whether orbax's step metadata names a checksums item (so a missing one is damage, not
-    a checkpoint from before checksums); True when that metadata cannot be read either."""
-    path = paths.as_path(step_dir, '_CHECKPOINT_METADATA')
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return True
-    return train_state.CHECKSUMS_ITEM in (meta.get('item_handlers') or {})
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process of the run."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def load_pretrained(path: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ instead of being used as if it were good.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -86,15 +87,20 @@ def read_state(state_dir: str) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     state_dir = paths.absolute(state_dir)
-    step_dir, item = os.path.dirname(state_dir), os.path.basename(state_dir)
-    # Read as an item of its step, as it was written: orbax's step metadata
-    # (_CHECKPOINT_METADATA) lives in the step directory, not in the item's.
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.metadata(step_dir).item_metadata[item]
+    # The item's handler, not a Checkpointer: a Checkpointer looks for orbax's step metadata
+    # (_CHECKPOINT_METADATA) inside the item directory, where it never is (it is in the step
+    # directory), and warns that it does not exist.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(paths.as_path(state_dir))
         tree = getattr(meta, 'tree', meta)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        args = ocp.args.Composite(**{item: ocp.args.PyTreeRestore(restore_args=restore_args)})
-        state = ckptr.restore(step_dir, args=args)[item]
+        state = handler.restore(
+            paths.as_path(state_dir), args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
+    finally:
+        handler.close()
+    step_dir = os.path.dirname(state_dir)
     verify(step_dir, state)
     return state
 
@@ -168,6 +174,29 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+@functools.cache
+def _jitted_digests(out_sharding: Any) -> Any:
+    return jax.jit(digests, out_shardings=out_sharding)
+
+
+def device_digests(tree: Any) -> np.ndarray:
+    """``digests`` of a tree of arrays, computed where they are (global jax.Arrays on their
+    mesh: one jitted pass, a few bytes per array come back to every process; host arrays on
+    the default device)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = next(
+        (
+            x.sharding.mesh
+            for x in jax.tree.leaves(tree)
+            if isinstance(getattr(x, 'sharding', None), NamedSharding)
+        ),
+        None,
+    )
+    out = _jitted_digests(None if mesh is None else NamedSharding(mesh, PartitionSpec()))(tree)
+    return np.asarray(out.addressable_data(0))
+
+
 def leaf_names(tree: Any) -> list[str]:
     """The leaves' paths as '/'-joined names (``params/stem/conv/kernel``), in ``digests``
     order: the same for the TrainState that was saved and the dict tree read back."""
@@ -226,6 +255,16 @@ def read_checksums(step_dir: str) -> dict[str, Any] | None:
         raise ValueError(f'{path}: unreadable checksums ({e})') from None
 
 
+def lists_checksums(step_dir: str) -> bool:
+    """Whether orbax's step metadata names a checksums item (so a missing one is damage, not a
+    step saved before checksums were recorded); True when that metadata cannot be read."""
+    try:
+        meta = json.loads(paths.as_path(step_dir, '_CHECKPOINT_METADATA').read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return True
+    return CHECKSUMS_ITEM in (meta.get('item_handlers') or {})
+
+
 def verify(step_dir: str, tree: Any) -> None:
     """Raises ValueError naming the first damaged array when ``tree`` (read from
     ``step_dir``) is not what was saved there; does nothing for a step saved without
@@ -233,7 +272,7 @@ def verify(step_dir: str, tree: Any) -> None:
     record = read_checksums(step_dir)
     if record is None:
         return
-    problems = mismatches(record, tree, np.asarray(jax.jit(digests)(tree)))
+    problems = mismatches(record, tree, device_digests(tree))
     if problems:
         more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
         raise ValueError(
