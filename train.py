@@ -93,10 +93,16 @@ class _Preemption:
 
 
 class _QuietLibraries(py_logging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+    """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass), and the
+    tracebacks of its failed background saves: the run reports those itself in one line
+    (``checkpoint.CheckpointError``), and stops."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+        if 'orbax' not in record.pathname:
+            return True
+        if record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= py_logging.WARNING
 
 
 def _format_eta(seconds: float) -> str:
@@ -109,8 +115,9 @@ def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, byt
     """Resumes from the workdir if it holds a checkpoint, else initialises (optionally from
     ``config.init_from``). Returns (state, data_state)."""
     config, tx, shardings = run.config, run.tx, run.state_shardings
-    if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(run.abstract_state, shardings)
+    restored = ckpt.restore(run.abstract_state, shardings)  # the newest step that verifies
+    if restored is not None:
+        state, data_state = restored
         logging.info('resumed from step %d', int(state.step))
         return state, data_state
     state = run.init_state()
@@ -245,7 +252,6 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                 if preemption.reached(step):
                     logging.warning('preemption requested: saving at step %d and exiting', step)
                     save(step)
-                    ckpt.wait()
                     ckpt.close()
                     writer.flush()
                     return {'preempted_at_step': step, **last_eval}
@@ -258,6 +264,7 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                         tracing = False
                 state, metrics = train_step(state, batches.next())
                 step += 1
+                ckpt.check()  # a save that failed in the background stops the run here
                 pending.append((step, metrics))
                 if first_step_time is None:
                     jax.block_until_ready(metrics)
@@ -324,15 +331,16 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                     )
                     ckpt.save_best(step, state, last_eval['eval/ema_top1'])
     except BaseException:
-        ckpt.wait()  # let in-flight saves finish; the last good checkpoint stays intact
-        ckpt.close()
+        try:  # let in-flight saves finish; the last good checkpoint stays intact
+            ckpt.close()
+        except ckpt_lib.CheckpointError as e:  # reported here; the first error goes on
+            logging.error('%s', e)
         raise
     if tracing:
         jax.profiler.stop_trace()
     if not last_eval:  # resumed a finished run: evaluate what was restored
         last_eval = evaluate(eval_step, state, config, plan, mesh)
-    ckpt.wait()
-    ckpt.close()
+    ckpt.close()  # CheckpointError if the last save failed
     writer.flush()
     return {**last_eval, 'step': step}
 
@@ -383,6 +391,9 @@ def main(argv: list[str]) -> None:
     )
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, started)
+    except (FloatingPointError, ckpt_lib.CheckpointError) as e:  # diverged, or a save failed
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
     except jax.errors.JaxRuntimeError as e:
         # A collective or barrier failed: if a peer died, jax names it and ends this process
         # within the heartbeat timeout; wait for that rather than end with a transport error.

@@ -103,6 +103,27 @@ def test_console_says_each_report_once_and_tensorboard_keeps_every_scalar(uninte
         assert [s for s, _ in scalars[tag]] == [4, 8], tag
 
 
+def test_latest_and_best_checkpoints_carry_checksums_and_orbax_metadata(uninterrupted, caplog):
+    """Every saved step, latest and best, holds orbax's step metadata and the checksums of its
+    arrays, and reads back verified without orbax warning about missing metadata."""
+    workdir, _ = uninterrupted
+    step_dirs = [
+        os.path.join(workdir, sub, name)
+        for sub in (train_state.LATEST_DIR, train_state.BEST_DIR)
+        for name in os.listdir(os.path.join(workdir, sub))
+    ]
+    assert len(step_dirs) == 3, step_dirs  # checkpoints/4, checkpoints/8, best/<4 or 8>
+    for step_dir in step_dirs:
+        assert os.path.isfile(os.path.join(step_dir, '_CHECKPOINT_METADATA')), step_dir
+        record = train_state.read_checksums(step_dir)
+        with caplog.at_level('WARNING'):
+            state = train_state.read_state(os.path.join(step_dir, train_state.STATE_ITEM))
+        assert len(record['arrays']) == len(jax.tree.leaves(state))
+    assert not [r for r in caplog.records if r.levelname in ('WARNING', 'ERROR')], [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 def test_eval_script_on_the_smoke_workdir_reports_the_runs_final_eval(uninterrupted, tmp_path):
     """scripts/eval.py reads the fake data from the same source as train.py: on the final
     checkpoint it reports the run's own final eval (EMA and raw top-1, top-5, loss)."""
@@ -318,8 +339,9 @@ def test_profiler_window_writes_a_trace_of_the_train_steps(env, tmp_path):
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupted, tmp_path):
-    """SIGTERM mid-run: the run saves at the step it reached and exits with status 0; the
-    same command resumes, and a run resumed to step 8 equals the uninterrupted one."""
+    """SIGTERM mid-run: the run saves at the step it reached and exits with status 0; the saved
+    step carries checksums and verifies; the same command resumes, and a run resumed to step 8
+    equals the uninterrupted one."""
     workdir = str(tmp_path)
     # Many epochs, so the signal surely lands mid-run; the exponential schedule does not
     # depend on the run length, so the first 8 steps are those of the 8-step run.
@@ -348,6 +370,9 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(env, uninterrupte
     saved = int(_final_line(rest_out).split('step ')[1].split(';')[0])
     if saved >= 8:
         pytest.skip(f'the machine was too slow: the signal landed at step {saved}')
+    step_dir = os.path.join(workdir, 'checkpoints', str(saved))
+    assert train_state.read_checksums(step_dir) is not None  # and _load verifies them:
+    assert int(_load(workdir, saved)['step']) == saved
     second = _train(env, workdir, '--config.num_epochs=2')
     assert f'resumed from step {saved}' in second.stderr
     _assert_same_state(workdir, uninterrupted[0], 8)

@@ -5,7 +5,9 @@ data-pipeline state beside each, automatic resume onto any mesh, and ``init_from
 Layout under the workdir::
 
     checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding)
-    best/<step>/state               the best one by eval top-1 (kept apart, never rotated out)
+    checkpoints/<step>/checksums    a digest of every array of it (efficientnet.weights.train_state)
+    checkpoints/<step>.skipped-<why> a step that failed to restore or verify, set aside (kept)
+    best/<step>/{state,checksums}   the best one by eval top-1 (kept apart, never rotated out)
     data_state/<step>/process_<i>   each process's input-iterator state (host-local bytes)
 
 Orbax writes into a temporary directory and renames it when complete (on gs://, where a rename
@@ -13,12 +15,26 @@ is a copy, it writes the step directory in place and a commit file into it last)
 deletes old steps after a newer one is finalised, so a crash or a failed save never removes the
 last good checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files
 go through ``efficientnet.paths``).
+
+What this module adds for safety:
+
+- a state is saved only if every array of it (parameters, BatchNorm statistics, EMA, optimizer
+  state) is finite, checked in the same jitted pass that computes its checksums;
+- restoring walks back from the newest step to the newest one that restores and matches its
+  checksums; each step skipped on the way is renamed ``<step>.skipped-<why>`` (never deleted),
+  with one log line saying why;
+- rotation keeps the K newest steps and, besides them, the step the run resumed from (the
+  newest one known to verify) until a later restart verifies a newer one;
+- a failed async save is reported (``CheckpointError``: path and cause on one line) at the
+  first step after it failed, before the next save starts and at exit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -29,11 +45,55 @@ from efficientnet import paths, weights
 from efficientnet.weights import train_state
 from training.state import TrainState
 
+SKIPPED = '.skipped-'  # '<step>.skipped-<why>': orbax's step listing ignores such names
+
+
+class CheckpointError(RuntimeError):
+    """A save failed, or no checkpoint of the workdir restores: one line naming path and cause."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The state about to be saved holds a NaN or an infinity (the run diverged)."""
+
+
+class _Damaged(Exception):
+    def __init__(self, tag: str, why: str):
+        super().__init__(why)
+        self.tag = tag
+
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost cause of ``error`` as one line (orbax wraps TensorStore's OSErrors)."""
+    while error.__cause__ is not None or (
+        error.__context__ is not None and not error.__suppress_context__
+    ):
+        error = error.__cause__ or error.__context__
+    text = ' '.join(str(error).split()) or type(error).__name__
+    # TensorStore appends its whole spec and source locations; the OS's reason (e.g. 'File too
+    # large', 'No space left on device') ends the message before them.
+    text = re.split(r' \[(?:tensorstore_spec|source locations)=', text)[0]
+    return text if len(text) <= 320 else f'{text[:140]} ... {text[-170:]}'
+
+
+@dataclasses.dataclass
+class _KeepLatestAndVerified:
+    """Orbax preservation policy: the ``n`` newest steps, and ``verified`` (the step this run
+    resumed from after checking it) whatever its age, so that rotation never deletes the newest
+    checkpoint known to be good while the newer ones have not been read back."""
+
+    n: int
+    verified: int | None = None
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        first_kept = len(checkpoints) - self.n
+        return [i >= first_kept or c.step == self.verified for i, c in enumerate(checkpoints)]
 
 
 class Checkpointer:
@@ -44,9 +104,10 @@ class Checkpointer:
     ):
         self.workdir = paths.absolute(workdir)  # a gs:// URL stays one
         opts = dict(enable_async_checkpointing=async_save, create=True)
+        self._policy = _KeepLatestAndVerified(keep)
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, train_state.LATEST_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
+            options=ocp.CheckpointManagerOptions(preservation_policy=self._policy, **opts),
         )
         self.best = None
         if keep_best:
@@ -61,45 +122,119 @@ class Checkpointer:
                 ),
             )
         self.data_dir = os.path.join(self.workdir, 'data_state')
+        self._saving: dict[str, int] = {}  # manager directory -> step of its save in flight
+        self._failed: dict[str, CheckpointError] = {}  # manager directory -> its failed save
+        self._checked: tuple[int, dict] | None = None  # (step, checksums) of the last state
+
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [self.latest] + ([self.best] if self.best is not None else [])
 
     # -- saving ---------------------------------------------------------------------------
+    def _checksums(self, step: int, state: TrainState) -> dict:
+        """The checksums of ``state``; NonFiniteStateError if any array is not finite."""
+        if self._checked is not None and self._checked[0] == step:
+            return self._checked[1]
+        d = train_state.device_digests(state)
+        bad = train_state.non_finite(state, d)
+        if bad:
+            more = f' and {len(bad) - 1} more arrays' if len(bad) > 1 else ''
+            raise NonFiniteStateError(
+                f'non-finite values at step {step} in {bad[0]}{more}: not saved; the newest '
+                f'finite checkpoint in {self.workdir} stays the latest '
+                f'(step {self.latest.latest_step()})'
+            )
+        record = train_state.checksums_record(state, d)
+        self._checked = (step, record)
+        return record
+
+    def _start(self, manager: ocp.CheckpointManager, step: int, state: TrainState, **kw) -> None:
+        self._wait(manager)  # the previous save's outcome first: its error, not a later one
+        if self._failed:  # a save failed (and was reported): write nothing more
+            raise next(iter(self._failed.values()))
+        record = self._checksums(step, state)
+        args = ocp.args.Composite(
+            **{
+                train_state.STATE_ITEM: ocp.args.StandardSave(state),
+                train_state.CHECKSUMS_ITEM: ocp.args.JsonSave(record),
+            }
+        )
+        self._saving[str(manager.directory)] = step
+        try:
+            manager.save(step, args=args, force=True, **kw)
+        except Exception as e:  # the synchronous part (directories, metadata, host copies)
+            error = self._save_error(manager, e)
+            self._failed[str(manager.directory)] = error
+            raise error from e
+
     def save(self, step: int, state: TrainState, data_state: bytes | None = None) -> None:
-        """Starts an async save of ``state`` at ``step`` (a no-op if that step exists)."""
+        """Starts an async save of ``state`` at ``step`` (a no-op if that step exists).
+        Raises NonFiniteStateError (nothing written) if the state is not finite, and
+        CheckpointError if this save or the previous one failed."""
         if step in self.latest.all_steps():
             return
-        if self.best is not None:
-            # Orbax names its multi-host barriers by step (and some not at all), not by manager:
-            # two managers saving at once collide across processes ("barrier ... is already
-            # ongoing"). One manager's save must finish before the other's starts.
-            self.best.wait_until_finished()
+        # Orbax names its multi-host barriers by step (and some not at all), not by manager:
+        # two managers saving at once collide across processes ("barrier ... is already
+        # ongoing"). One manager's save must finish before the other's starts. Waiting for both
+        # also reports a failed earlier save before anything of this one is written.
+        self.wait()
+        self._checksums(step, state)  # NonFiniteStateError before anything is written
         if data_state is not None:
             self._write_data_state(step, data_state)
-        self.latest.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True
-        )
+        self._start(self.latest, step, state)
         self._prune_data_states()
 
     def save_best(self, step: int, state: TrainState, top1: float) -> None:
         """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
         if self.best is None or step in self.best.all_steps():
             return
-        self.latest.wait_until_finished()  # see save(): never two managers in flight
-        self.best.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-            metrics={'top1': float(top1)},
-            force=True,
+        self._wait(self.latest)  # see save(): never two managers in flight
+        self._start(self.best, step, state, metrics={'top1': float(top1)})
+
+    def _save_error(self, manager: ocp.CheckpointManager, error: BaseException) -> CheckpointError:
+        step = self._saving.get(str(manager.directory))
+        kept = manager.latest_step()
+        return CheckpointError(
+            f'saving the checkpoint of step {step} to {manager.directory}/{step} failed: '
+            f'{_cause(error)}; the checkpoints saved before it are intact (latest: step {kept})'
         )
 
+    def _wait(self, manager: ocp.CheckpointManager) -> None:
+        """Waits for ``manager``'s save in flight; CheckpointError if it failed (raised once:
+        later calls pass, but no further save starts)."""
+        if str(manager.directory) in self._failed:
+            return
+        try:
+            manager.wait_until_finished()
+        except Exception as e:
+            error = self._save_error(manager, e)
+            self._failed[str(manager.directory)] = error
+            raise error from e
+
+    def check(self) -> None:
+        """Raises CheckpointError if a save that finished in the background failed (cheap:
+        waits for nothing; the training loop calls it every step)."""
+        for manager in self._managers():
+            if not manager.is_saving_in_progress():
+                self._wait(manager)
+
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        if self.best is not None:
-            self.best.wait_until_finished()
+        """Waits for the saves in flight; CheckpointError if one failed."""
+        for manager in self._managers():
+            self._wait(manager)
 
     def close(self) -> None:
-        self.latest.close()
-        if self.best is not None:
-            self.best.close()
+        """Waits for the saves in flight and closes; CheckpointError if one failed (the
+        managers are closed all the same)."""
+        error = None
+        for manager in self._managers():
+            try:
+                self._wait(manager)
+            except CheckpointError as e:
+                error = error or e
+            if str(manager.directory) not in self._failed:  # its close() would raise again
+                manager.close()
+        if error is not None:
+            raise error
 
     def _data_path(self, step: int) -> str:
         return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
@@ -123,23 +258,106 @@ class Checkpointer:
         return self.latest.latest_step()
 
     def restore(
-        self, abstract_state: TrainState, shardings: Any, step: int | None = None
+        self, abstract_state: TrainState, shardings: Any
     ) -> tuple[TrainState, bytes | None] | None:
-        """Restores the latest (or given) step into ``shardings``, which may describe a
-        different mesh than the one that saved it. Returns (state, data_state) or None."""
-        step = self.latest.latest_step() if step is None else step
-        if step is None:
-            return None
+        """Restores the newest step that restores and verifies into ``shardings``, which may
+        describe a different mesh than the one that saved it; returns (state, data_state), or
+        None if the workdir holds no checkpoint. Each damaged step on the way is renamed
+        ``<step>.skipped-<why>`` with one warning line; CheckpointError if none restores."""
         target = _abstract(abstract_state, shardings)
-        restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        data_state = None
-        path = paths.as_path(self._data_path(step))
-        if path.exists():
-            data_state = path.read_bytes()
-        logging.info('restored checkpoint at step %d from %s', step, self.workdir)
-        return restored['state'], data_state
+        skipped = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            restored, record, failure = None, None, None
+            try:
+                restored, record = self._read(step, target)
+            except Exception as e:  # orbax and TensorStore raise many kinds
+                failure = (e.tag, str(e)) if isinstance(e, _Damaged) else ('unreadable', _cause(e))
+            # A file may fail to read on one process only: all of them must skip the step.
+            if not _on_every_process(failure is None) and failure is None:
+                failure = ('unreadable', 'another process could not read it')
+            if failure is None:  # the digests are collective: every process, the same result
+                failure = self._verify(step, restored, record)
+            if failure is not None:
+                tag, why = failure
+                kept = self._set_aside(step, tag)
+                logging.warning(
+                    'checkpoint step %d skipped: %s; kept as %s; trying the step before it',
+                    step,
+                    why,
+                    kept,
+                )
+                skipped.append(f'step {step} ({tag})')
+                continue
+            self._policy.verified = step
+            data_state = None
+            path = paths.as_path(self._data_path(step))
+            if path.exists():
+                data_state = path.read_bytes()
+            logging.info('restored checkpoint at step %d from %s (verified)', step, self.workdir)
+            return restored, data_state
+        if skipped:
+            raise CheckpointError(
+                f'no checkpoint in {self.latest.directory} restores: skipped '
+                f'{", ".join(skipped)}, kept under their {SKIPPED}* names; rerun to start '
+                'from step 0, or rename one back to its step number to retry it'
+            )
+        return None
+
+    def _read(self, step: int, target: Any) -> tuple[TrainState, dict | None]:
+        """Step ``step``'s state and checksums, read by this process (raises if it cannot)."""
+        step_dir = os.path.join(str(self.latest.directory), str(step))
+        try:
+            record = train_state.read_checksums(step_dir)
+        except ValueError as e:
+            raise _Damaged('checksums', str(e)) from None
+        if record is None and train_state.lists_checksums(step_dir):
+            raise _Damaged('checksums', f'{step_dir}: its checksums file is missing')
+        args = ocp.args.Composite(**{train_state.STATE_ITEM: ocp.args.StandardRestore(target)})
+        return self.latest.restore(step, args=args)[train_state.STATE_ITEM], record
+
+    def _verify(self, step: int, state: TrainState, record: dict | None) -> tuple | None:
+        """(tag, why) if ``state`` is not what was saved or not finite, else None."""
+        d = train_state.device_digests(state)
+        if record is None:
+            logging.warning(
+                'checkpoint step %d has no checksums (saved by an earlier version): '
+                'restored unverified',
+                step,
+            )
+        else:
+            problems = train_state.mismatches(record, state, d)
+            if problems:
+                more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+                return 'checksum', f'checksum mismatch: {problems[0]}{more}'
+        bad = train_state.non_finite(state, d)
+        return ('nonfinite', f'non-finite values in {bad[0]}') if bad else None
+
+    def _set_aside(self, step: int, tag: str) -> str:
+        """Renames step ``step`` to ``<step>.skipped-<tag>`` (process 0; the others wait) so
+        that orbax no longer lists it; returns the new path."""
+        root = paths.as_path(self.latest.directory)
+        names = set(paths.listdir(root))
+        name, n = f'{step}{SKIPPED}{tag}', 1
+        while name in names:
+            n += 1
+            name = f'{step}{SKIPPED}{tag}-{n}'
+        if jax.process_index() == 0:
+            root.joinpath(str(step)).rename(root.joinpath(name))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+        self.latest.reload()
+        return str(root.joinpath(name))
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process of the run."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def load_pretrained(path: str) -> dict[str, Any]:

@@ -8,19 +8,33 @@ A saved TrainState holds ``params``, ``batch_stats`` and their EMA copies ``ema_
 and read its variables as host numpy arrays, whatever mesh or process count saved them. Paths may
 be local or gs:// (``efficientnet.paths``). orbax is imported only inside the function that
 reads.
+
+Each step directory also holds ``checksums/``: a digest of every saved array (``digests``),
+written by ``train.py`` from the arrays in memory and checked against what is read back, so a
+checkpoint whose files were damaged after the save (flipped, truncated or lost bytes) is refused
+instead of being used as if it were good.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from efficientnet import paths
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
 STATE_ITEM = 'state'
+CHECKSUMS_ITEM = 'checksums'  # orbax's JSON item beside the state: its file is 'metadata'
+CHECKSUMS_FILE = 'metadata'
+CHECKSUMS_FORMAT = 1
 # Orbax finishes a save by renaming '<step>.orbax-checkpoint-tmp-*' to '<step>' on local disks;
 # on gs://, where a rename is a copy, it writes '<step>' directly and this file into it last.
 COMMIT_FILE = 'commit_success.txt'
@@ -67,18 +81,28 @@ def workdir_of(step_dir: str) -> str:
 
 
 def read_state(state_dir: str) -> dict[str, Any]:
-    """A saved TrainState as a dict of host numpy arrays, whatever mesh or process count saved
-    it (every process reads the whole arrays; meant for weights and tests, not for resuming)."""
-    import jax
-    import numpy as np
+    """A saved TrainState (``<step>/state``) as a dict of host numpy arrays, whatever mesh or
+    process count saved it (every process reads the whole arrays; meant for weights and tests,
+    not for resuming), verified against the step's checksums (ValueError if they disagree)."""
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(state_dir)
-        tree = getattr(meta, 'item_metadata', meta)
-        tree = getattr(tree, 'tree', tree)
+    state_dir = paths.absolute(state_dir)
+    # The item's handler, not a Checkpointer: a Checkpointer looks for orbax's step metadata
+    # (_CHECKPOINT_METADATA) inside the item directory, where it never is (it is in the step
+    # directory), and warns that it does not exist.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(paths.as_path(state_dir))
+        tree = getattr(meta, 'tree', meta)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        state = handler.restore(
+            paths.as_path(state_dir), args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
+    finally:
+        handler.close()
+    step_dir = os.path.dirname(state_dir)
+    verify(step_dir, state)
+    return state
 
 
 def read_variables(step_dir: str, *, use_ema: bool = True) -> dict[str, Any]:
@@ -102,3 +126,168 @@ def read_state_shapes(state_dir: str) -> dict[str, Any]:
     tree = getattr(meta, 'item_metadata', meta)
     tree = getattr(tree, 'tree', tree)
     return jax.tree.map(lambda m: tuple(m.shape), tree)
+
+
+# -- checksums -----------------------------------------------------------------------------
+# A digest is a function of an array's values (their bits), not of how it is sharded or laid out
+# in files: every step is exact uint32 arithmetic, wrapping sums are associative, so the same
+# array gives the same digest on any mesh, process count or device, in any reduction order.
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: every input bit flips about half of the output bits."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _as_words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (narrower types widened, wider ones split)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types: a trailing axis of 2
+    narrow = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """uint32[3]: two independent 32-bit hashes of the values and their positions, and 1 if
+    every value is finite (always for integer arrays)."""
+    x = jnp.asarray(x)
+    words = _as_words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)  # the flat position, from iotas: keeps sharding
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+        index = index + iota * np.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    h1 = jnp.sum(_fmix32(words ^ _fmix32(index + np.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    h2 = jnp.sum(words * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)  # odd weights
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return jnp.stack([h1, h2, jnp.asarray(finite, jnp.uint32)])
+
+
+def digests(tree: Any) -> jax.Array:
+    """uint32[leaves, 3]: ``_leaf_digest`` of each leaf of ``tree`` in flattening order; trace
+    it under ``jax.jit`` (one pass over the state, one small array to fetch)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((0, 3), jnp.uint32)
+    return jnp.stack([_leaf_digest(x) for x in leaves])
+
+
+def _key_name(key: Any) -> str:
+    for attr in ('name', 'key', 'idx'):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+@functools.cache
+def _jitted_digests(out_sharding: Any) -> Any:
+    return jax.jit(digests, out_shardings=out_sharding)
+
+
+def device_digests(tree: Any) -> np.ndarray:
+    """``digests`` of a tree of arrays, computed where they are (global jax.Arrays on their
+    mesh: one jitted pass, a few bytes per array come back to every process; host arrays on
+    the default device)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = next(
+        (
+            x.sharding.mesh
+            for x in jax.tree.leaves(tree)
+            if isinstance(getattr(x, 'sharding', None), NamedSharding)
+        ),
+        None,
+    )
+    out = _jitted_digests(None if mesh is None else NamedSharding(mesh, PartitionSpec()))(tree)
+    return np.asarray(out.addressable_data(0))
+
+
+def leaf_names(tree: Any) -> list[str]:
+    """The leaves' paths as '/'-joined names (``params/stem/conv/kernel``), in ``digests``
+    order: the same for the TrainState that was saved and the dict tree read back."""
+    return [
+        '/'.join(_key_name(k) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def checksums_record(tree: Any, digest: np.ndarray) -> dict[str, Any]:
+    """The JSON saved beside a state: each array's shape, dtype and 64-bit digest."""
+    arrays = {}
+    for name, x, d in zip(leaf_names(tree), jax.tree.leaves(tree), np.asarray(digest)):
+        arrays[name] = {
+            'shape': list(np.shape(x)),
+            'dtype': str(jnp.dtype(x.dtype)),
+            'digest': f'{int(d[0]):08x}{int(d[1]):08x}',
+        }
+    return {'format': CHECKSUMS_FORMAT, 'arrays': arrays}
+
+
+def non_finite(tree: Any, digest: np.ndarray) -> list[str]:
+    """The names of the leaves that hold a NaN or an infinity (from ``digests``)."""
+    return [n for n, d in zip(leaf_names(tree), np.asarray(digest)) if not d[2]]
+
+
+def mismatches(record: dict[str, Any], tree: Any, digest: np.ndarray) -> list[str]:
+    """How ``tree`` (with its ``digests``) differs from a saved ``checksums_record``, one short
+    phrase per array: [] when every array is the one that was saved."""
+    if record.get('format') != CHECKSUMS_FORMAT:
+        return [f'checksums in an unknown format {record.get("format")!r}']
+    now = checksums_record(tree, digest)['arrays']
+    saved = record.get('arrays', {})
+    out = [f'{n} is missing' for n in saved if n not in now]
+    out += [f'{n} was not saved' for n in now if n not in saved]
+    for name, got in now.items():
+        want = saved.get(name)
+        if want is None:
+            continue
+        for field in ('shape', 'dtype', 'digest'):
+            if got[field] != want[field]:
+                out.append(f'{name} {field} {got[field]} != saved {want[field]}')
+                break
+    return out
+
+
+def read_checksums(step_dir: str) -> dict[str, Any] | None:
+    """The checksums saved in ``step_dir``; None when the step has none (saved before they
+    were recorded). Raises ValueError when the file exists but is not valid JSON."""
+    path = paths.as_path(step_dir, CHECKSUMS_ITEM, CHECKSUMS_FILE)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path}: unreadable checksums ({e})') from None
+
+
+def lists_checksums(step_dir: str) -> bool:
+    """Whether orbax's step metadata names a checksums item (so a missing one is damage, not a
+    step saved before checksums were recorded); True when that metadata cannot be read."""
+    try:
+        meta = json.loads(paths.as_path(step_dir, '_CHECKPOINT_METADATA').read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return True
+    return CHECKSUMS_ITEM in (meta.get('item_handlers') or {})
+
+
+def verify(step_dir: str, tree: Any) -> None:
+    """Raises ValueError naming the first damaged array when ``tree`` (read from
+    ``step_dir``) is not what was saved there; does nothing for a step saved without
+    checksums."""
+    record = read_checksums(step_dir)
+    if record is None:
+        return
+    problems = mismatches(record, tree, device_digests(tree))
+    if problems:
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise ValueError(
+            f'{step_dir} is damaged: {problems[0]}{more}; it does not hold what was saved'
+        )
