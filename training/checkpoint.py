@@ -1,18 +1,18 @@
-"""Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the host-local
-data-pipeline state beside each, automatic resume onto any mesh, and ``init_from`` weights
-(read by ``efficientnet.weights``, which knows this layout).
+"""Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the train
+stream's position beside each, automatic resume onto any mesh, and ``init_from`` weights (read
+by ``efficientnet.weights``, which knows this layout).
 
 Layout under the workdir::
 
     checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding)
+    checkpoints/<step>/data         the train stream's state (JSON: format version, step, seed,
+                                    examples, global batch; the same for every process)
     best/<step>/state               the best one by eval top-1 (kept apart, never rotated out)
-    data_state/<step>/process_<i>   each process's input-iterator state (host-local bytes)
 
 Orbax writes into a temporary directory and renames it when complete (on gs://, where a rename
 is a copy, it writes the step directory in place and a commit file into it last), and only
 deletes old steps after a newer one is finalised, so a crash or a failed save never removes the
-last good checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files
-go through ``efficientnet.paths``).
+last good checkpoint. The workdir may be local or gs:// (orbax takes both).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 from efficientnet import paths, weights
 from efficientnet.weights import train_state
 from training.state import TrainState
+
+DATA_ITEM = 'data'
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -60,11 +62,11 @@ class Checkpointer:
                     **opts,
                 ),
             )
-        self.data_dir = os.path.join(self.workdir, 'data_state')
 
     # -- saving ---------------------------------------------------------------------------
-    def save(self, step: int, state: TrainState, data_state: bytes | None = None) -> None:
-        """Starts an async save of ``state`` at ``step`` (a no-op if that step exists)."""
+    def save(self, step: int, state: TrainState, data_state: dict | None = None) -> None:
+        """Starts an async save of ``state`` (and the JSON-able ``data_state``) at ``step`` (a
+        no-op if that step exists)."""
         if step in self.latest.all_steps():
             return
         if self.best is not None:
@@ -72,12 +74,10 @@ class Checkpointer:
             # two managers saving at once collide across processes ("barrier ... is already
             # ongoing"). One manager's save must finish before the other's starts.
             self.best.wait_until_finished()
+        items = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
-            self._write_data_state(step, data_state)
-        self.latest.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True
-        )
-        self._prune_data_states()
+            items[DATA_ITEM] = ocp.args.JsonSave(data_state)
+        self.latest.save(step, args=ocp.args.Composite(**items), force=True)
 
     def save_best(self, step: int, state: TrainState, top1: float) -> None:
         """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
@@ -101,43 +101,25 @@ class Checkpointer:
         if self.best is not None:
             self.best.close()
 
-    def _data_path(self, step: int) -> str:
-        return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
-
-    def _write_data_state(self, step: int, data: bytes) -> None:
-        paths.write_atomic(self._data_path(step), data)
-
-    def _prune_data_states(self) -> None:
-        keep = set(self.latest.all_steps()) | {max(self.latest.all_steps(), default=-1)}
-        for name in paths.listdir(self.data_dir):
-            if name.isdigit() and int(name) not in keep and int(name) < max(keep, default=0):
-                step_dir = paths.as_path(self.data_dir, name)
-                step_dir.joinpath(f'process_{jax.process_index()}').unlink(missing_ok=True)
-                try:  # the last process to prune a step removes its directory
-                    step_dir.rmdir()
-                except (OSError, ValueError):  # another process's file is still there
-                    pass
-
     # -- restoring ------------------------------------------------------------------------
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
     def restore(
         self, abstract_state: TrainState, shardings: Any, step: int | None = None
-    ) -> tuple[TrainState, bytes | None] | None:
+    ) -> tuple[TrainState, dict | None] | None:
         """Restores the latest (or given) step into ``shardings``, which may describe a
         different mesh than the one that saved it. Returns (state, data_state) or None."""
         step = self.latest.latest_step() if step is None else step
         if step is None:
             return None
         target = _abstract(abstract_state, shardings)
-        restored = self.latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        data_state = None
-        path = paths.as_path(self._data_path(step))
-        if path.exists():
-            data_state = path.read_bytes()
+        items = {'state': ocp.args.StandardRestore(target)}
+        step_dir = paths.as_path(self.latest.directory, str(step))
+        if step_dir.joinpath(DATA_ITEM).exists():  # absent in checkpoints of older versions
+            items[DATA_ITEM] = ocp.args.JsonRestore()
+        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        data_state = restored[DATA_ITEM] if DATA_ITEM in items else None
         logging.info('restored checkpoint at step %d from %s', step, self.workdir)
         return restored['state'], data_state
 
