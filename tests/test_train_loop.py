@@ -74,7 +74,7 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert log.count('eval at step') == 2 and 'on 40 examples' in log
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-1] == '8'
     assert os.listdir(os.path.join(workdir, 'best'))  # the best-by-top-1 checkpoint
-    with open(os.path.join(workdir, 'checkpoints', '8', 'data')) as f:  # the stream's state
+    with open(os.path.join(workdir, 'checkpoints', '8', 'data', 'metadata')) as f:  # the stream
         assert json.load(f) == {
             'version': 2, 'step': 8, 'seed': 0, 'num_examples': 64, 'global_batch_size': 16,
         }  # fmt: skip
