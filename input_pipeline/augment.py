@@ -130,17 +130,27 @@ def solarize_add(image: tf.Tensor, addition, threshold: int = 128) -> tf.Tensor:
     return image + below * tf.minimum(addition, 255 - image)  # uint8 arithmetic, cannot wrap
 
 
+@_compiled
+def _gray_rgb(image: tf.Tensor) -> tf.Tensor:
+    return tf.tile(grayscale(image), [1, 1, 3])
+
+
+@_compiled
+def _gray_mean(image: tf.Tensor) -> tf.Tensor:
+    """PIL's rounded mean of the gray image, int(sum / n + 0.5), in exact integer arithmetic."""
+    gray = tf.cast(grayscale(image), tf.int64)
+    n = tf.cast(tf.size(gray), tf.int64)
+    return tf.cast((2 * tf.reduce_sum(gray) + n) // (2 * n), tf.uint8)
+
+
 def color(image: tf.Tensor, factor) -> tf.Tensor:
     """Saturation: blend with the image's gray version."""
-    return blend(tf.tile(grayscale(image), [1, 1, 3]), image, factor)
+    return blend(_gray_rgb(image), image, factor)
 
 
 def contrast(image: tf.Tensor, factor) -> tf.Tensor:
     """Blend with a flat image at the gray mean, rounded like PIL: int(mean + 0.5)."""
-    gray = tf.cast(grayscale(image), tf.int64)
-    n = tf.cast(tf.size(gray), tf.int64)
-    mean = (2 * tf.reduce_sum(gray) + n) // (2 * n)  # int(sum / n + 0.5), exactly
-    return blend(tf.fill(tf.shape(image), tf.cast(mean, tf.uint8)), image, factor)
+    return blend(tf.fill(tf.shape(image), _gray_mean(image)), image, factor)
 
 
 def brightness(image: tf.Tensor, factor) -> tf.Tensor:

@@ -77,38 +77,43 @@ def mix_batch(
         use_mixup = pick(tf.random.stateless_uniform([total], s_choice) < 0.5)
     else:
         use_mixup = tf.fill([local_groups], mixup_alpha > 0)
-    # Weights of the example itself, per pixel ([groups, G, H, W]) and per target ([groups, G]).
-    pixel_weight = tf.zeros([local_groups, g, h, w])
-    target_weight = tf.zeros([local_groups, g])
+    # Rows as [B, H, W·C] (a per-row weight then broadcasts along rows, which TF does fast);
+    # each row's partner is the mirrored row of its group.
+    rows = tf.reshape(images, [b, h, -1])
+    partners = tf.reshape(tf.reverse(tf.reshape(rows, [local_groups, g, h, -1]), [1]), [b, h, -1])
+    row_mixup = tf.repeat(use_mixup, g)
+    mix_rows = tf.cast(tf.where(row_mixup)[:, 0], tf.int32)
+    cut_rows = tf.cast(tf.where(~row_mixup)[:, 0], tf.int32)
+    # The weight of each row's own target: λ for MixUp rows, the uncovered area for CutMix rows.
+    weight = tf.ones([b])
+    parts, indices = [], []
     if mixup_alpha > 0:
         lam = pick(sample_beta([total, g], s_mixup, mixup_alpha))
-        lam = tf.maximum(lam, 1.0 - lam)
-        pixel_weight = tf.broadcast_to(lam[:, :, None, None], [local_groups, g, h, w])
-        target_weight = lam
+        lam = tf.reshape(tf.maximum(lam, 1.0 - lam), [b])
+        lam_m = tf.gather(lam, mix_rows)[:, None, None]
+        a_m = tf.cast(tf.gather(rows, mix_rows), tf.float32)
+        b_m = tf.cast(tf.gather(partners, mix_rows), tf.float32)
+        # A convex mix needs no clipping; + 0.5 and the cast round it.
+        parts.append(tf.cast(b_m + lam_m * (a_m - b_m) + 0.5, tf.uint8))
+        indices.append(mix_rows)
+        weight = tf.where(row_mixup, lam, weight)
     if cutmix_alpha > 0:
-        y0, y1, x0, x1 = (pick(v) for v in _cutmix_boxes(total, h, w, cutmix_alpha, s_cutmix))
-        ys, xs = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
-        inside = (
-            (ys >= y0[:, None, None]) & (ys < y1[:, None, None])
-            & (xs >= x0[:, None, None]) & (xs < x1[:, None, None])
-        )  # fmt: skip
-        kept = tf.cast(~inside, tf.float32)[:, None]  # [groups, 1, H, W]
+        y0, y1, x0, x1 = (
+            tf.repeat(pick(v), g) for v in _cutmix_boxes(total, h, w, cutmix_alpha, s_cutmix)
+        )
         area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(h * w, tf.float32)
-        cut_pixel = tf.broadcast_to(kept, [local_groups, g, h, w])
-        cut_target = tf.broadcast_to((1.0 - area)[:, None], [local_groups, g])
-        pixel_weight = tf.where(use_mixup[:, None, None, None], pixel_weight, cut_pixel)
-        target_weight = tf.where(use_mixup[:, None], target_weight, cut_target)
-
-    grouped = tf.cast(tf.reshape(images, [local_groups, g, h, w, -1]), tf.float32)
-    partner = tf.reverse(grouped, [1])
-    # A convex mix needs no clipping; + 0.5 and the cast round it (weights 0 and 1 copy exactly).
-    mixed = partner + pixel_weight[..., None] * (grouped - partner) + 0.5
-    grouped_targets = tf.reshape(targets, [local_groups, g, num_classes])
-    mixed_targets = target_weight[..., None] * grouped_targets + (
-        1.0 - target_weight[..., None]
-    ) * tf.reverse(grouped_targets, [1])
-    return {
-        **batch,
-        'image': tf.reshape(tf.cast(mixed, tf.uint8), shape),
-        'label': tf.reshape(mixed_targets, [b, num_classes]),
-    }
+        weight = tf.where(row_mixup, weight, 1.0 - area)
+        channels = tf.shape(images)[3]
+        box = [
+            tf.gather(v, cut_rows)[:, None, None] for v in (y0, y1, x0 * channels, x1 * channels)
+        ]
+        ys, xs = tf.range(h)[None, :, None], tf.range(w * channels)[None, None, :]
+        inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
+        parts.append(tf.where(inside, tf.gather(partners, cut_rows), tf.gather(rows, cut_rows)))
+        indices.append(cut_rows)
+    mixed = tf.dynamic_stitch(indices, parts) if len(parts) > 1 else parts[0]
+    partner_targets = tf.reshape(
+        tf.reverse(tf.reshape(targets, [local_groups, g, num_classes]), [1]), [b, num_classes]
+    )
+    mixed_targets = weight[:, None] * targets + (1.0 - weight[:, None]) * partner_targets
+    return {**batch, 'image': tf.reshape(mixed, shape), 'label': mixed_targets}

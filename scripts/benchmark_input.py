@@ -198,9 +198,12 @@ def measure_variant(variant: str, files: dict, resolution: int, seconds: float) 
 
 
 def measure_resume(files: dict, resolution: int) -> dict:
-    """Seconds from building at step k to the first batch (RandAugment on)."""
+    """Seconds from building at step k to the first batch (RandAugment on), after one untimed
+    build of each path (tracing and compiling the transforms is paid once per process)."""
     steps_per_epoch = files['num_examples'] // BATCH
     out = {}
+    for kind in ('stream+ra', 'global+ra'):  # warm-up: the first build in a process also traces
+        next(iter(_dataset(kind, files, resolution, 0)))
     for name, kind, step in [
         ('stream_early', 'stream+ra', 1),
         ('stream_late', 'stream+ra', steps_per_epoch - 1),

@@ -274,7 +274,7 @@ def test_two_processes_killed_after_a_checkpoint_resume_as_one_process(
     procs, logs = _start_two_processes(env, workdir, tmp_path, '--config.num_epochs=100')
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 900
         while not os.path.isdir(os.path.join(ckpt_dir, '4')):  # renamed into place when complete
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
                 _first_error(r.read_text()) for _, r in logs
