@@ -111,7 +111,7 @@ def _format_eta(seconds: float) -> str:
     return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
 
 
-def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, bytes | None]:
+def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, dict | None]:
     """Resumes from the workdir if it holds a checkpoint, else initialises (optionally from
     ``config.init_from``). Returns (state, data_state)."""
     config, tx, shardings = run.config, run.tx, run.state_shardings
@@ -211,11 +211,10 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     iterator = data.create_train_iterator(
         config.data, global_batch_size=plan.micro_batch, seed=config.seed, start_step=step
     )
-    if data_state is not None:
-        iterator.set_state(data_state)
-    batches = data.DevicePrefetcher(
-        iterator, mesh, start_step=step, depth=config.prefetch_batches, capture=is_ckpt_step
-    )
+    # The same stream on any process or device count; another seed, dataset or batch is refused.
+    if data_state is not None and iterator.stream.check_resume(data_state) != step:
+        raise ValueError(f'the checkpoint at step {step} holds the data state of another step')
+    batches = data.DevicePrefetcher(iterator, mesh, depth=config.prefetch_batches)
 
     pending: list[tuple[int, dict]] = []  # per-step device metrics since the last flush
     last_eval: dict[str, float] = {}
@@ -236,7 +235,7 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
 
     def save(step: int) -> None:
         flush()  # never checkpoint a state that followed a non-finite loss
-        ckpt.save(step, state, batches.state_before(step))
+        ckpt.save(step, state, iterator.stream.at(step))
 
     try:
         with _Preemption() as preemption:

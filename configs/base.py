@@ -41,10 +41,13 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.randaugment_magnitude = 9
     d.mixup_alpha = 0.0
     d.cutmix_alpha = 0.0
+    # MixUp/CutMix partner rows within fixed groups of this many consecutive rows of the global
+    # batch (one CutMix box per group), so mixing does not depend on the process count; it must
+    # divide the per-process batch.
+    d.mix_group_size = 2
     # imagenet, advprop or lite, applied on the device; None: the variant's own
     # (Variant.normalization: lite for Lite, imagenet for the others)
     d.normalization = ml_collections.FieldReference(None, field_type=str)
-    d.shuffle_buffer = 16384
     d.cache = False
     d.fake_num_train = 1024
     d.fake_num_eval = 256

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from input_pipeline import sources
-from input_pipeline.pipeline import TrainIterator, TrainOrder, build_eval_dataset
+from input_pipeline.order import StreamState
+from input_pipeline.pipeline import TrainIterator, build_eval_dataset
 from input_pipeline.sources.base import cfg_get
 
 __all__ = [
+    'StreamState',
     'TrainIterator',
     'create_eval_iterator',
     'create_train_iterator',
@@ -31,12 +33,20 @@ def create_train_iterator(
     process_count: int = 1,
     start_step: int = 0,
 ) -> TrainIterator:
-    """Infinite iterator of {'image': uint8 [B, S, S, 3], 'label'} with B = global / processes.
+    """Infinite iterator of {'image': uint8 [B, S, S, 3], 'label'} with B = global / processes:
+    process p's rows [p·B, (p + 1)·B) of global batches start_step, start_step + 1, ...
 
     'label' is int32 [B], or float32 [B, num_classes] mixed targets when MixUp/CutMix is on.
+    The batches depend on (data config, seed, global batch, step), not on the process count.
     """
-    order = TrainOrder(global_batch_size, seed, process_index, process_count)
-    return TrainIterator(data_config, order, start_step)
+    return TrainIterator(
+        data_config,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+    )
 
 
 def create_eval_iterator(

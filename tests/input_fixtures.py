@@ -117,18 +117,59 @@ def data_config(**overrides):
     return config
 
 
+def prepare_imagenet(data_dir: str, manual_dir: str, file_format: str = 'array_record') -> None:
+    """tfds's real imagenet2012 builder, prepared from `manual_dir` into `data_dir`: what
+    `tfds build imagenet2012 --file_format=... --manual_dir=... --data_dir=...` does."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder('imagenet2012', data_dir=data_dir, file_format=file_format)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def prepared_imagenet() -> tuple[str, str, dict]:
     """(data_dir, manual_dir, expected labels by id): tfds's real imagenet2012 builder, prepared
-    once per test process from a generated manual dir (removed at exit)."""
-    import tensorflow_datasets as tfds
-
+    as array_record once per test process from a generated manual dir (removed at exit)."""
     root = tempfile.mkdtemp(prefix='imagenet_fixture_')
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     manual_dir, data_dir = os.path.join(root, 'manual'), os.path.join(root, 'tfds')
     expected = write_imagenet_manual_dir(manual_dir)
-    builder = tfds.builder('imagenet2012', data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    prepare_imagenet(data_dir, manual_dir)
     return data_dir, manual_dir, expected
+
+
+def distributed_batches_main() -> None:
+    """A process of a multi-process pipeline test (tests/test_input_distributed.py): joins the
+    others through jax.distributed, builds its train iterator from the process index and count
+    jax reports, and saves its local batches. Arguments come as JSON in $INPUT_TEST_ARGS."""
+    import json
+
+    import jax
+
+    args = json.loads(os.environ['INPUT_TEST_ARGS'])
+    jax.distributed.initialize(
+        coordinator_address=args['coordinator'],
+        num_processes=args['num_processes'],
+        process_id=args['process_id'],
+    )
+    import input_pipeline
+
+    it = input_pipeline.create_train_iterator(
+        data_config(**args['data']),
+        global_batch_size=args['global_batch_size'],
+        seed=args['seed'],
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=args['start_step'],
+    )
+    batches = [next(it) for _ in range(args['steps'])]
+    np.savez(
+        args['out'],
+        image=np.stack([b['image'] for b in batches]),
+        label=np.stack([b['label'] for b in batches]),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    jax.distributed.shutdown()

@@ -120,7 +120,7 @@ def _abstract_and_shardings():
 def _saved_workdir(tmp_path, steps=(1, 2, 3), keep=3):
     ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=keep, keep_best=False)
     for s in steps:
-        ckpt.save(s, _state(float(s)), data_state=f'data {s}'.encode())
+        ckpt.save(s, _state(float(s)), data_state={'step': s})
     ckpt.close()
     return str(tmp_path)
 
@@ -203,7 +203,7 @@ def test_damaged_latest_step_is_set_aside_and_the_one_before_restored(tmp_path, 
     with caplog.at_level(logging.WARNING):
         state, data_state = ckpt.restore(abstract, shardings)
     _assert_equal_trees(state, _state(2.0))
-    assert data_state == b'data 2'
+    assert data_state == {'step': 2}
     lines = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith('checkpoint step 3 skipped: '), lines
     assert '\n' not in lines[0]
@@ -230,7 +230,7 @@ def test_garbage_step_metadata_alone_does_not_discard_a_checkpoint_that_verifies
     state, data_state = ckpt.restore(*_abstract_and_shardings())
     ckpt.close()
     _assert_equal_trees(state, _state(3.0))
-    assert data_state == b'data 3'
+    assert data_state == {'step': 3}
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
 
 
@@ -299,10 +299,9 @@ def test_non_finite_state_is_never_saved(tmp_path):
         ckpt_lib.NonFiniteStateError,
         match=r'non-finite values at step 2 in ema_batch_stats/bn/mean: not saved.*\(step 1\)',
     ):
-        ckpt.save(2, bad, data_state=b'data 2')
+        ckpt.save(2, bad, data_state={'step': 2})
     ckpt.close()
     assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
-    assert os.listdir(os.path.join(workdir, 'data_state')) == ['1']
 
 
 # -- train.py ------------------------------------------------------------------------------

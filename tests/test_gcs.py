@@ -135,7 +135,7 @@ def test_smoke_run_on_gcs_killed_resumed_evaluated_exported(
     _assert_same_state(copy, ref_dir, 8)
     with open(os.path.join(copy, 'config.json')) as f:
         assert json.load(f)['derived']['total_steps'] == 8
-    assert os.path.exists(os.path.join(copy, 'data_state', '8', 'process_0'))
+    assert os.path.exists(os.path.join(copy, 'checkpoints', '8', 'data'))
     assert any(n.startswith('events.out.tfevents') for n in os.listdir(copy))
 
     # 3. scripts/eval.py on the bucket's step 8 reports the local run's logged eval, to gs://.

@@ -1,15 +1,14 @@
-"""The tf.data pipeline on tfds's real imagenet2012 builder (prepared offline from a generated
-manual dir): shapes, labels, exact eval, process sharding, determinism and resume; and on the
-fake source: one global order whatever the process count, exact eval masks."""
-
-import json
+"""The tf.data pipeline on tfds's real imagenet2012 builder (prepared offline as array_record
+from a generated manual dir): shapes, labels, exact eval, one global order whatever the process
+count, determinism and resume from the step; and on the fake source: the same, exact eval
+masks."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import input_pipeline
-from input_pipeline import pipeline
+from input_pipeline import order, pipeline
 from tests import input_fixtures as fx
 
 RES = 32
@@ -107,19 +106,31 @@ def test_eval_exact_over_processes(imagenet, process_count, global_batch):
     assert sorted(ids) == list(range(100, 107))
 
 
-def test_two_processes_read_disjoint_covering_data(imagenet):
-    config = imagenet_config(imagenet)
-    seen = []
-    for p in range(2):
-        it = input_pipeline.create_train_iterator(
-            config, global_batch_size=4, seed=0, process_index=p, process_count=2
+def per_process(config, process_count, steps, start_step=0, **kwargs):
+    """Each process's batches, joined side by side: what the global batches would be."""
+    parts = [
+        take(
+            input_pipeline.create_train_iterator(
+                config, process_index=p, process_count=process_count, start_step=start_step,
+                **kwargs,
+            ),
+            steps,
         )
-        batches = take(it, 3)  # one epoch of this process's 6 examples
-        assert batches[0]['image'].shape[0] == 2
-        seen.append(set(fx.identify(np.concatenate([b['image'] for b in batches]), NUM_IDS)))
-        assert len(seen[-1]) == 6
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(12))
+        for p in range(process_count)
+    ]  # fmt: skip
+    return [{k: np.concatenate([b[k] for b in batch]) for k in batch[0]} for batch in zip(*parts)]
+
+
+def test_processes_read_their_rows_of_one_global_order(imagenet):
+    """Two processes' local batches side by side are one process's batches, with RandAugment
+    and MixUp/CutMix on, here resumed mid-epoch (step 1; 12 examples, 8 per step). (Real
+    processes, 1, 2 and 4 of them: tests/test_input_distributed.py.)"""
+    config = imagenet_config(
+        imagenet, augment='randaugment', mixup_alpha=0.4, cutmix_alpha=1.0, mix_group_size=2
+    )
+    kwargs = dict(global_batch_size=8, seed=5)
+    one = take(input_pipeline.create_train_iterator(config, **kwargs), 4)
+    assert_same_batches(per_process(config, 2, 3, start_step=1, **kwargs), one[1:])
 
 
 def assert_same_batches(a, b):
@@ -139,17 +150,14 @@ def test_same_seed_same_batches_and_resume(imagenet):
     other = next(input_pipeline.create_train_iterator(config, global_batch_size=4, seed=8))
     assert not np.array_equal(other['image'], full[0]['image'])
 
-    # Restored at step k (mid-epoch, and in a later epoch) via start_step and via set_state.
-    for k in (2, 5):
-        resumed = input_pipeline.create_train_iterator(config, start_step=k, **kwargs)
-        assert_same_batches(take(resumed, 8 - k), full[k:])
+    # Restored from the state after 5 batches (in the second epoch of 12, mid-epoch).
     it = input_pipeline.create_train_iterator(config, **kwargs)
-    take(it, 4)
-    state = it.get_state()
-    assert it.step == 4 and json.loads(state)['step'] == 4
-    fresh = input_pipeline.create_train_iterator(config, **kwargs)
-    fresh.set_state(state)
-    assert_same_batches(take(fresh, 4), full[4:])
+    take(it, 5)
+    state = it.state()
+    assert it.step == 5 and state['step'] == 5
+    start = it.stream.check_resume(state)
+    resumed = input_pipeline.create_train_iterator(config, start_step=start, **kwargs)
+    assert_same_batches(take(resumed, 3), full[5:])
 
 
 def test_order_does_not_depend_on_a_global_tf_seed(imagenet):
@@ -167,12 +175,33 @@ def test_order_does_not_depend_on_a_global_tf_seed(imagenet):
     assert_same_batches(seeded, plain)
 
 
-def test_set_state_refuses_a_different_run(imagenet):
+def test_resume_state_is_the_step_and_refuses_another_stream(imagenet):
     config = imagenet_config(imagenet)
     it = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
-    other = input_pipeline.create_train_iterator(config, global_batch_size=4, seed=1)
-    with pytest.raises(ValueError, match='seed'):
-        other.set_state(it.get_state())
+    next(it)
+    state = it.state()
+    assert state == {
+        'version': 2, 'step': 1, 'seed': 0, 'num_examples': 12, 'global_batch_size': 4,
+    }  # fmt: skip
+    # Another process count is the same stream: accepted.
+    other_layout = input_pipeline.create_train_iterator(
+        config, global_batch_size=4, seed=0, process_index=1, process_count=2
+    )
+    assert other_layout.stream.check_resume(state) == 1
+    for changed, message in [
+        (dict(seed=1), 'seed 0, this run has 1: pass --config.seed=0'),
+        (dict(global_batch_size=6), 'trained with 4 images per step, this run has 6'),
+    ]:
+        kwargs = dict(global_batch_size=4, seed=0) | changed
+        other = input_pipeline.create_train_iterator(config, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            other.stream.check_resume(state)
+    with pytest.raises(ValueError, match='on 12 training examples, this run has 6'):
+        fewer = imagenet_config(imagenet, train_split='train[:6]')
+        it_fewer = input_pipeline.create_train_iterator(fewer, global_batch_size=4, seed=0)
+        it_fewer.stream.check_resume(state)
+    with pytest.raises(ValueError, match='format version 1'):
+        it.stream.check_resume({**state, 'version': 1})
 
 
 def test_fake_source_pipeline_and_cache():
@@ -233,5 +262,5 @@ def test_fake_eval_masks_sum_to_split_size(num_eval, processes):
 def test_eval_batch_count_helper():
     assert pipeline.eval_batches_per_process(7, 2, 2) == 2
     assert pipeline.eval_batches_per_process(50000, 128, 8) == 49
-    with pytest.raises(ValueError):
-        pipeline._local_batch(10, 3)
+    with pytest.raises(ValueError, match='multiple of the process count 3'):
+        order.local_batch_size(10, 3)

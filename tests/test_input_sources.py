@@ -1,5 +1,6 @@
-"""Sources: tfds imagenet2012 (prepared and missing), Debian's Fashion-MNIST, image folders
-(with corrupt, truncated, grayscale, CMYK and PNG files), fake data, sharding."""
+"""Sources: tfds imagenet2012 (prepared as array_record, as TFRecord (refused) and missing),
+Debian's Fashion-MNIST, image folders (with corrupt, truncated, grayscale, CMYK and PNG files),
+fake data, eval sharding."""
 
 import gzip
 import logging
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import input_pipeline
@@ -28,13 +30,45 @@ def test_shard_bounds_are_disjoint_and_cover():
             assert max(sizes) - min(sizes) <= 1
 
 
-def test_imagenet2012_builder_prepared_offline():
+def read_all(examples):
+    """Every example of a split, in index order, through the batched read and the load."""
+    records = examples.read(tf.range(examples.num_examples, dtype=tf.int64))
+    return [examples.load(row(records, i)) for i in range(examples.num_examples)]
+
+
+def row(records, i):
+    return tf.nest.map_structure(lambda r: r[i], records)
+
+
+def test_imagenet2012_prepared_as_array_record_offline():
+    """tfds's real imagenet2012 builder, from a generated manual dir to array_record shards,
+    read back by index: every training image once, with its label."""
     data_dir, manual_dir, expected = fx.prepared_imagenet()
+    shards = [n for _, _, files in os.walk(data_dir) for n in files if '.array_record-' in n]
+    assert any('imagenet2012-train.array_record' in n for n in shards)
     source = sources.get_source(fx.data_config(data_dir=data_dir))
     assert isinstance(source, tfds_source.TfdsSource) and source.num_classes == 1000
     assert source.num_examples('train') == 12 and source.num_examples('validation') == 7
-    labels = sorted(int(r['label']) for r in source.shard('train', 0, 1).records)
-    assert labels == sorted(v for k, v in expected.items() if k < 100)
+    examples = read_all(source.examples('train'))
+    ids = [int(fx.identify(tf.io.decode_jpeg(x['image']).numpy()[None], 125)[0]) for x in examples]
+    assert sorted(ids) == list(range(12))
+    assert [int(x['label']) for x in examples] == [expected[i] for i in ids]
+    assert len(read_all(source.examples('train[4:8]'))) == 4  # sub-splits through tfds
+
+
+def test_tfrecord_dataset_is_refused_with_the_conversion_command(tmp_path):
+    data_dir, manual_dir = str(tmp_path / 'tfds'), str(tmp_path / 'manual')
+    fx.write_imagenet_manual_dir(manual_dir, class_ids=(0,), per_class=2, num_val=1)
+    fx.prepare_imagenet(data_dir, manual_dir, file_format='tfrecord')
+    with pytest.raises(ValueError) as err:
+        input_pipeline.dataset_info(fx.data_config(data_dir=data_dir))
+    message = str(err.value)
+    assert '\n' not in message and 'stored as TFRecord' in message
+    version_dir = os.path.join(data_dir, 'imagenet2012', '5.1.0')
+    assert (
+        f'tfds convert_format --dataset_version_dir={version_dir} '
+        '--out_file_format=array_record' in message
+    )
 
 
 def test_imagenet2012_missing_says_how_to_prepare(tmp_path):
@@ -42,7 +76,7 @@ def test_imagenet2012_missing_says_how_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         input_pipeline.dataset_info(config)
     message = str(err.value)
-    assert 'tfds build imagenet2012 --manual_dir=' in message
+    assert 'tfds build imagenet2012 --file_format=array_record --manual_dir=' in message
     assert 'ILSVRC2012_img_train.tar' in message and 'image-net.org' in message
 
 
@@ -146,31 +180,31 @@ def test_image_folder_with_bad_and_odd_files(tmp_path, caplog):
 
 def test_fake_source_is_deterministic_sized_and_learnable():
     """Example i is a function of i alone: its class's colour plus noise of at most 40."""
-    source = sources.get_source(
-        fx.data_config(name='fake', fake_num_train=10, fake_num_eval=3, num_classes=5,
-                       resolution=8)
-    )  # fmt: skip
+    config = fx.data_config(
+        name='fake', fake_num_train=10, fake_num_eval=3, num_classes=5, resolution=8
+    )
+    source = sources.get_source(config)
     assert source.num_examples('train') == 10 and source.num_examples('validation') == 3
-    shard = source.shard('train', 1, 2)
-    first = [shard.load(r) for r in shard.records]
-    again = [shard.load(r) for r in source.shard('train', 1, 2).records]
-    assert len(first) == 5
-    for a, b in zip(first, again):
+    examples = read_all(source.examples('train'))
+    again = read_all(sources.get_source(config).examples('train'))
+    for a, b in zip(examples, again):
         assert a['image'].shape == (8, 8, 3) and a['image'].dtype == np.uint8
         np.testing.assert_array_equal(a['image'], b['image'])
         assert 0 <= int(a['label']) < 5
-    assert len({bytes(x['image'].numpy()) for x in first}) == 5
-    whole = source.shard('train', 0, 1)
-    examples = [whole.load(r) for r in whole.records]
-    np.testing.assert_array_equal(examples[5]['image'], first[0]['image'])  # index 5 either way
+    assert len({bytes(x['image'].numpy()) for x in examples}) == 10
     colours = fake.class_colours(5)
     for x in examples:
         offset = x['image'].numpy().astype(np.int32) - colours[int(x['label'])]
         assert np.abs(offset).max() <= fake.NOISE and offset.std() > 10
     assert len({int(x['label']) for x in examples}) >= 3
-    held_out = source.shard('validation', 0, 1)
-    validation = [held_out.load(r)['image'].numpy() for r in held_out.records]
+    validation = [x['image'].numpy() for x in read_all(source.examples('validation'))]
     assert not any(np.array_equal(v, x['image']) for v in validation for x in examples)
+    # A batched read of any indices is the examples at those indices.
+    some = source.examples('train')
+    records = some.read(tf.constant([7, 2, 7], tf.int64))
+    for k, i in enumerate([7, 2, 7]):
+        got = some.load(row(records, k))
+        np.testing.assert_array_equal(got['image'], examples[i]['image'])
 
 
 def test_split_slicing_on_indexed_sources():

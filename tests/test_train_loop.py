@@ -75,7 +75,10 @@ def test_smoke_run_trains_checkpoints_evaluates(uninterrupted):
     assert log.count('eval at step') == 2 and 'on 40 examples' in log
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-1] == '8'
     assert os.listdir(os.path.join(workdir, 'best'))  # the best-by-top-1 checkpoint
-    assert os.path.exists(os.path.join(workdir, 'data_state', '8', 'process_0'))
+    with open(os.path.join(workdir, 'checkpoints', '8', 'data', 'metadata')) as f:  # the stream
+        assert json.load(f) == {
+            'version': 2, 'step': 8, 'seed': 0, 'num_examples': 64, 'global_batch_size': 16,
+        }  # fmt: skip
     with open(os.path.join(workdir, 'config.json')) as f:
         resolved = json.load(f)
     assert resolved['derived']['total_steps'] == 8
@@ -251,7 +254,6 @@ def test_two_processes_match_one_process(env, uninterrupted, tmp_path):
     # gloo may print to stdout: look for our line, not at a fixed position.
     assert any(line.startswith('Final eval top-1') for line in outs[0][0].splitlines())
     assert '2 processes, 8 devices' in outs[0][1]
-    assert os.path.exists(os.path.join(workdir, 'data_state', '8', 'process_1'))
     ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
     for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
         for (path, a), b in zip(
@@ -297,9 +299,50 @@ def test_two_processes_preempted_on_one_worker_save_the_same_step_and_exit_clean
     )
     steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
     assert max(steps) == saved[0]
-    for i in range(2):
-        assert os.path.exists(os.path.join(workdir, 'data_state', str(saved[0]), f'process_{i}'))
+    assert os.path.exists(os.path.join(workdir, 'checkpoints', str(saved[0]), 'data'))
     assert int(_load(workdir, saved[0])['step']) == saved[0]
+
+
+def test_two_processes_killed_after_a_checkpoint_resume_as_one_process(
+    env, uninterrupted, tmp_path
+):
+    """A run started as 2 processes x 4 devices is killed (SIGKILL, both processes) once its
+    step-4 checkpoint is complete; the same command as 1 process x 8 devices resumes it (the
+    data state is the step: the same global stream on any process count) and ends with the
+    parameters of the uninterrupted 1 x 8 run (all-reduce rounding aside)."""
+    workdir = str(tmp_path / 'run')
+    # Many epochs, so the processes are still running when the checkpoint appears; the
+    # exponential schedule does not depend on the run length.
+    procs, logs = _start_two_processes(env, workdir, tmp_path, '--config.num_epochs=100')
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    try:
+        deadline = time.monotonic() + 900
+        while not os.path.isdir(os.path.join(ckpt_dir, '4')):  # renamed into place when complete
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                _first_error(r.read_text()) for _, r in logs
+            ]
+            time.sleep(0.05)
+        for p in procs:
+            p.kill()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    killed_at = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    if killed_at >= 8:
+        pytest.skip(f'the machine was too slow: the kill landed after step {killed_at}')
+    second = _train(env, workdir)
+    assert f'resumed from step {killed_at}' in second.stderr
+    assert '1 processes, 8 devices' in second.stderr
+    ours, ref = _load(workdir, 8), _load(uninterrupted[0], 8)
+    for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(ours[name])[0], jax.tree.leaves(ref[name])
+        ):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-5, err_msg=f'{name}{jax.tree_util.keystr(path)}'
+            )
 
 
 @pytest.mark.parametrize(

@@ -141,14 +141,14 @@ def test_eval_counts_every_example_once_on_eight_devices(eight_device_run):
 def test_checkpoint_restores_onto_a_different_mesh(eight_device_run, tmp_path):
     r = eight_device_run
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-    ckpt.save(1, r['state'], data_state=b'{"step": 1}')
+    ckpt.save(1, r['state'], data_state={'step': 1, 'seed': 3})
     ckpt.wait()
     # 4-way data x 2-way fsdp, with every array large enough to be sharded.
     mesh = sharding.create_mesh(2)
     abstract = jax.eval_shape(lambda s: s, r['state'])
     shardings = sharding.state_shardings(abstract, mesh, fsdp_min_size=1)
     restored, data_state = checkpoint.Checkpointer(str(tmp_path)).restore(abstract, shardings)
-    assert data_state == b'{"step": 1}'
+    assert data_state == {'step': 1, 'seed': 3}
     kernel = restored.params['stem_conv']['kernel']
     assert kernel.sharding.spec != jax.sharding.PartitionSpec()  # really sharded over fsdp
     for a, b in zip(jax.tree.leaves(_host(restored)), jax.tree.leaves(_host(r['state']))):
@@ -156,14 +156,15 @@ def test_checkpoint_restores_onto_a_different_mesh(eight_device_run, tmp_path):
 
 
 def test_data_states_are_removed_with_their_checkpoints(eight_device_run, tmp_path):
-    """Rotation removes a step's data-state directory along with its checkpoint."""
+    """The data state is an item of its checkpoint: rotation removes both together."""
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, keep_best=False)
     for step in (1, 2, 3):
-        ckpt.save(step, eight_device_run['state'], data_state=b'{"step": %d}' % step)
+        ckpt.save(step, eight_device_run['state'], data_state={'step': step})
         ckpt.wait()
     ckpt.close()
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
-    assert sorted(os.listdir(tmp_path / 'data_state')) == ['3']
+    assert 'data' in os.listdir(tmp_path / 'checkpoints' / '3')
+    assert not (tmp_path / 'data_state').exists()
 
 
 def test_cpu_init_compiler_options_are_applied_and_keep_values_bit_identical(monkeypatch):

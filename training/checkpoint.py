@@ -1,20 +1,20 @@
-"""Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the host-local
-data-pipeline state beside each, automatic resume onto any mesh, and ``init_from`` weights
-(read by ``efficientnet.weights``, which knows this layout).
+"""Checkpoints with orbax: async saves, the K latest plus the best by EMA top-1, the train
+stream's position beside each, automatic resume onto any mesh, and ``init_from`` weights (read
+by ``efficientnet.weights``, which knows this layout).
 
 Layout under the workdir::
 
     checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding)
     checkpoints/<step>/checksums    a digest of every array of it (efficientnet.weights.train_state)
+    checkpoints/<step>/data         the train stream's state (JSON: format version, step, seed,
+                                    examples, global batch; the same for every process)
     checkpoints/<step>.skipped-<why> a step that failed to restore or verify, set aside (kept)
     best/<step>/{state,checksums}   the best one by eval top-1 (kept apart, never rotated out)
-    data_state/<step>/process_<i>   each process's input-iterator state (host-local bytes)
 
 Orbax writes into a temporary directory and renames it when complete (on gs://, where a rename
 is a copy, it writes the step directory in place and a commit file into it last), and only
 deletes old steps after a newer one is finalised, so a crash or a failed save never removes the
-last good checkpoint. The workdir may be local or gs:// (orbax takes both; the data-state files
-go through ``efficientnet.paths``).
+last good checkpoint. The workdir may be local or gs:// (orbax takes both).
 
 What this module adds for safety:
 
@@ -45,6 +45,7 @@ from efficientnet import paths, weights
 from efficientnet.weights import train_state
 from training.state import TrainState
 
+DATA_ITEM = 'data'  # the train stream's state, saved with each latest step
 SKIPPED = '.skipped-'  # '<step>.skipped-<why>': orbax's step listing ignores such names
 
 
@@ -121,7 +122,6 @@ class Checkpointer:
                     **opts,
                 ),
             )
-        self.data_dir = os.path.join(self.workdir, 'data_state')
         self._saving: dict[str, int] = {}  # manager directory -> step of its save in flight
         self._failed: dict[str, CheckpointError] = {}  # manager directory -> its failed save
         self._checked: tuple[int, dict] | None = None  # (step, checksums) of the last state
@@ -147,17 +147,25 @@ class Checkpointer:
         self._checked = (step, record)
         return record
 
-    def _start(self, manager: ocp.CheckpointManager, step: int, state: TrainState, **kw) -> None:
+    def _start(
+        self,
+        manager: ocp.CheckpointManager,
+        step: int,
+        state: TrainState,
+        data_state: dict | None = None,
+        **kw,
+    ) -> None:
         self._wait(manager)  # the previous save's outcome first: its error, not a later one
         if self._failed:  # a save failed (and was reported): write nothing more
             raise next(iter(self._failed.values()))
         record = self._checksums(step, state)
-        args = ocp.args.Composite(
-            **{
-                train_state.STATE_ITEM: ocp.args.StandardSave(state),
-                train_state.CHECKSUMS_ITEM: ocp.args.JsonSave(record),
-            }
-        )
+        items = {
+            train_state.STATE_ITEM: ocp.args.StandardSave(state),
+            train_state.CHECKSUMS_ITEM: ocp.args.JsonSave(record),
+        }
+        if data_state is not None:
+            items[DATA_ITEM] = ocp.args.JsonSave(data_state)
+        args = ocp.args.Composite(**items)
         self._saving[str(manager.directory)] = step
         try:
             manager.save(step, args=args, force=True, **kw)
@@ -166,8 +174,9 @@ class Checkpointer:
             self._failed[str(manager.directory)] = error
             raise error from e
 
-    def save(self, step: int, state: TrainState, data_state: bytes | None = None) -> None:
-        """Starts an async save of ``state`` at ``step`` (a no-op if that step exists).
+    def save(self, step: int, state: TrainState, data_state: dict | None = None) -> None:
+        """Starts an async save of ``state`` (and the JSON-able ``data_state``) at ``step`` (a
+        no-op if that step exists).
         Raises NonFiniteStateError (nothing written) if the state is not finite, and
         CheckpointError if this save or the previous one failed."""
         if step in self.latest.all_steps():
@@ -178,10 +187,7 @@ class Checkpointer:
         # also reports a failed earlier save before anything of this one is written.
         self.wait()
         self._checksums(step, state)  # NonFiniteStateError before anything is written
-        if data_state is not None:
-            self._write_data_state(step, data_state)
-        self._start(self.latest, step, state)
-        self._prune_data_states()
+        self._start(self.latest, step, state, data_state)
 
     def save_best(self, step: int, state: TrainState, top1: float) -> None:
         """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
@@ -236,30 +242,13 @@ class Checkpointer:
         if error is not None:
             raise error
 
-    def _data_path(self, step: int) -> str:
-        return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
-
-    def _write_data_state(self, step: int, data: bytes) -> None:
-        paths.write_atomic(self._data_path(step), data)
-
-    def _prune_data_states(self) -> None:
-        keep = set(self.latest.all_steps()) | {max(self.latest.all_steps(), default=-1)}
-        for name in paths.listdir(self.data_dir):
-            if name.isdigit() and int(name) not in keep and int(name) < max(keep, default=0):
-                step_dir = paths.as_path(self.data_dir, name)
-                step_dir.joinpath(f'process_{jax.process_index()}').unlink(missing_ok=True)
-                try:  # the last process to prune a step removes its directory
-                    step_dir.rmdir()
-                except (OSError, ValueError):  # another process's file is still there
-                    pass
-
     # -- restoring ------------------------------------------------------------------------
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
     def restore(
         self, abstract_state: TrainState, shardings: Any
-    ) -> tuple[TrainState, bytes | None] | None:
+    ) -> tuple[TrainState, dict | None] | None:
         """Restores the newest step that restores and verifies into ``shardings``, which may
         describe a different mesh than the one that saved it; returns (state, data_state), or
         None if the workdir holds no checkpoint. Each damaged step on the way is renamed
@@ -269,7 +258,7 @@ class Checkpointer:
         for step in sorted(self.latest.all_steps(), reverse=True):
             restored, record, failure = None, None, None
             try:
-                restored, record = self._read(step, target)
+                restored, record, data_state = self._read(step, target)
             except Exception as e:  # orbax and TensorStore raise many kinds
                 failure = (e.tag, str(e)) if isinstance(e, _Damaged) else ('unreadable', _cause(e))
             # A file may fail to read on one process only: all of them must skip the step.
@@ -289,10 +278,6 @@ class Checkpointer:
                 skipped.append(f'step {step} ({tag})')
                 continue
             self._policy.verified = step
-            data_state = None
-            path = paths.as_path(self._data_path(step))
-            if path.exists():
-                data_state = path.read_bytes()
             logging.info('restored checkpoint at step %d from %s (verified)', step, self.workdir)
             return restored, data_state
         if skipped:
@@ -303,8 +288,9 @@ class Checkpointer:
             )
         return None
 
-    def _read(self, step: int, target: Any) -> tuple[TrainState, dict | None]:
-        """Step ``step``'s state and checksums, read by this process (raises if it cannot)."""
+    def _read(self, step: int, target: Any) -> tuple[TrainState, dict | None, dict | None]:
+        """Step ``step``'s state, checksums and data state (None in checkpoints of versions
+        before it was saved), read by this process (raises if it cannot)."""
         step_dir = os.path.join(str(self.latest.directory), str(step))
         try:
             record = train_state.read_checksums(step_dir)
@@ -312,8 +298,11 @@ class Checkpointer:
             raise _Damaged('checksums', str(e)) from None
         if record is None and train_state.lists_checksums(step_dir):
             raise _Damaged('checksums', f'{step_dir}: its checksums file is missing')
-        args = ocp.args.Composite(**{train_state.STATE_ITEM: ocp.args.StandardRestore(target)})
-        return self.latest.restore(step, args=args)[train_state.STATE_ITEM], record
+        items = {train_state.STATE_ITEM: ocp.args.StandardRestore(target)}
+        if paths.as_path(step_dir, DATA_ITEM).exists():
+            items[DATA_ITEM] = ocp.args.JsonRestore()
+        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        return restored[train_state.STATE_ITEM], record, restored.get(DATA_ITEM)
 
     def _verify(self, step: int, state: TrainState, record: dict | None) -> tuple | None:
         """(tag, why) if ``state`` is not what was saved or not finite, else None."""

@@ -1,11 +1,11 @@
 """The bridge from the input pipeline's host-local numpy batches to global device arrays: the
-pipeline's iterators for this process, and a small device prefetcher that keeps the iterator
-state needed by checkpoints."""
+pipeline's iterators for this process, and a small device prefetcher. The train stream's resume
+state is the step (``input_pipeline.StreamState``), so nothing here tracks iterator state."""
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -40,45 +40,15 @@ def create_eval_iterator(data_config: Any, *, global_batch_size: int) -> Iterato
 
 
 class DevicePrefetcher:
-    """Turns host batches into global jax.Arrays ``depth`` steps ahead of the consumer.
+    """Turns host batches into global jax.Arrays ``depth`` steps ahead of the consumer."""
 
-    The iterator runs ahead, so its current state is not the state of the next batch to be
-    consumed. For the steps where ``capture(step)`` is true (checkpoint steps), the state is
-    recorded just before that batch is drawn; ``state_before(step)`` returns it.
-    """
-
-    def __init__(
-        self,
-        iterator: Any,
-        mesh: Mesh,
-        *,
-        start_step: int,
-        depth: int = 2,
-        capture: Callable[[int], bool] = lambda step: False,
-    ):
+    def __init__(self, iterator: Any, mesh: Mesh, *, depth: int = 2):
         self.iterator = iterator
         self.mesh = mesh
         self.depth = max(0, depth)
-        self.capture = capture
-        self.next_step = start_step  # step index of the next batch drawn from the iterator
         self.queue: collections.deque = collections.deque()
-        self.states: dict[int, bytes] = {}
-
-    def _pull(self) -> None:
-        if self.capture(self.next_step):
-            self.states[self.next_step] = self.iterator.get_state()
-        self.queue.append(sharding.global_batch(next(self.iterator), self.mesh))
-        self.next_step += 1
 
     def next(self) -> dict[str, jax.Array]:
         while len(self.queue) < self.depth + 1:
-            self._pull()
+            self.queue.append(sharding.global_batch(next(self.iterator), self.mesh))
         return self.queue.popleft()
-
-    def state_before(self, step: int) -> bytes | None:
-        """The iterator state from which batch ``step`` is the next one, if known."""
-        if step == self.next_step:
-            return self.iterator.get_state()
-        for s in [s for s in self.states if s < step]:
-            del self.states[s]
-        return self.states.get(step)

@@ -1,12 +1,11 @@
-"""What every source hands the pipeline: `Shard`s of cheap records, split sizes and classes.
+"""What every source hands the pipeline: a split addressed by example index.
 
-For a (split, process) pair a source gives a `Shard`: a finite `tf.data.Dataset` of *records* in
-a fixed order, its length, and a `load` function that turns a record into
-`{'image': encoded bytes or uint8 [H, W, C], 'label': int32}`. Records are kept cheap (encoded
-bytes, file paths, example ids) so shuffling and skipping them on resume never decodes an image;
-`load` runs inside the pipeline's parallel map.
-
-Processes get disjoint, contiguous shards whose sizes differ by at most one example.
+For a split a source gives `Examples`: its size N, a batched `read` (int64 indices [k] → records
+[k], inside the tf.data graph; sources that need Python make one call per batch, never one per
+image) and a per-record `load` that turns a record into `{'image': encoded bytes or uint8
+[H, W, C], 'label': int32}`. Records are kept cheap (encoded bytes, file paths, example ids);
+`load` runs inside the pipeline's parallel map, where the decoding happens. Index i is the same
+example on every host and in every run, which is what the global order (`order.py`) needs.
 """
 
 from __future__ import annotations
@@ -25,12 +24,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Shard:
-    """One process's part of a split."""
+class Examples:
+    """One split, addressed by index in [0, num_examples)."""
 
-    records: tf.data.Dataset
     num_examples: int
-    load: Callable[[Any], dict]
+    read: Callable[[tf.Tensor], Any]  # int64 [k] → records [k] (a nest of tensors)
+    load: Callable[[Any], dict]  # one record → {'image', 'label'}
+
+    def in_memory(self, chunk: int = 1024) -> Examples:
+        """The same split with every record read once into memory (encoded bytes stay encoded):
+        later reads are gathers. For small datasets on slow storage."""
+        ds = tf.data.Dataset.range(self.num_examples).batch(chunk).map(self.read)
+        parts = list(ds)
+        records = tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *parts)
+        return dataclasses.replace(
+            self, read=lambda ids: tf.nest.map_structure(lambda r: tf.gather(r, ids), records)
+        )
 
 
 def cfg_get(config: Any, key: str, default: Any = None) -> Any:
@@ -43,7 +52,7 @@ def cfg_get(config: Any, key: str, default: Any = None) -> Any:
 
 
 def shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, end) of process `process_index`'s contiguous part of n examples."""
+    """[start, end) of process `process_index`'s contiguous part of n examples (evaluation)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     base, extra = divmod(n, process_count)
@@ -66,25 +75,21 @@ def _slice_indices(spec: str, split_sizes: dict[str, int]) -> np.ndarray:
 
 
 class Source:
-    """A dataset: split sizes, classes, and per-process shards."""
+    """A dataset: split sizes, classes, and random access to each split."""
 
     name: str = ''
     num_classes: int | None = None
-    # Whether the pipeline walks one global train order on every process (each keeping its rows
-    # of every global batch), independent of the process count. Only the fake source does so
-    # today: it is what the multi-process tests compare against one process. Real sources keep
-    # per-process shards until the data order is reworked for pod scale.
-    global_order: bool = False
 
     def num_examples(self, split: str) -> int:
         raise NotImplementedError
 
-    def shard(self, split: str, process_index: int, process_count: int) -> Shard:
+    def examples(self, split: str) -> Examples:
         raise NotImplementedError
 
 
 class IndexedSource(Source):
-    """A source whose examples are addressable by an integer index (arrays, file lists, ids)."""
+    """A source held as arrays over all its splits (ids, file paths, small images); a split is
+    a list of positions in them."""
 
     split_sizes: dict[str, int]
     aliases: dict[str, str] = {}
@@ -98,10 +103,14 @@ class IndexedSource(Source):
     def num_examples(self, split: str) -> int:
         return len(self._indices(split))
 
-    def shard(self, split: str, process_index: int, process_count: int) -> Shard:
-        indices = self._indices(split)
-        lo, hi = shard_bounds(len(indices), process_index, process_count)
-        return self._make_shard(indices[lo:hi])
+    def examples(self, split: str) -> Examples:
+        positions = tf.constant(self._indices(split).astype(np.int64))
+        records, load = self._records()
+        read = lambda ids: tf.nest.map_structure(
+            lambda r: tf.gather(r, tf.gather(positions, ids)), records
+        )
+        return Examples(int(positions.shape[0]), read, load)
 
-    def _make_shard(self, indices: np.ndarray) -> Shard:
+    def _records(self) -> tuple[Any, Callable[[Any], dict]]:
+        """(records of every example as tensors with a leading axis, load)."""
         raise NotImplementedError

@@ -8,10 +8,9 @@ import hashlib
 import logging
 import os
 
-import numpy as np
 import tensorflow as tf
 
-from input_pipeline.sources.base import IndexedSource, Shard
+from input_pipeline.sources.base import IndexedSource
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +89,12 @@ class ImageFolder(IndexedSource):
         self.split_sizes = {'train': len(train), 'validation': len(holdout)}
         self.aliases = {s: 'validation' for s in HOLDOUT_SPLITS[1:]} | {'all': 'train+validation'}
 
-    def _make_shard(self, indices: np.ndarray) -> Shard:
-        paths = [self.files[i][0] for i in indices]
-        labels = np.array([self.files[i][1] for i in indices], np.int32)
-        records = tf.data.Dataset.from_tensor_slices(
-            {'path': tf.constant(paths, tf.string, shape=[len(paths)]), 'label': labels}
-        )
+    def _records(self):
+        paths = [p for p, _ in self.files]
+        records = {
+            'path': tf.constant(paths, tf.string, shape=[len(paths)]),
+            'label': tf.constant([lbl for _, lbl in self.files], tf.int32, shape=[len(paths)]),
+        }
+        # The file is read in the parallel map, with the decoding.
         load = lambda r: {'image': tf.io.read_file(r['path']), 'label': r['label']}
-        return Shard(records, len(indices), load)
+        return records, load
