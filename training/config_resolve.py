@@ -109,7 +109,7 @@ _NUMERIC_FIELDS = (
     ('data.randaugment_magnitude', 'number', '[0', None, False),
     ('data.mixup_alpha', 'number', '[0', None, False),
     ('data.cutmix_alpha', 'number', '[0', None, False),
-    ('data.shuffle_buffer', 'int', '(0', None, False),
+    ('data.mix_group_size', 'int', '(0', None, False),
     ('data.fake_num_train', 'int', '(0', None, False),
     ('data.fake_num_eval', 'int', '(0', None, False),
     ('model.width', 'number', '(0', None, True),
@@ -407,6 +407,15 @@ def resolve(
                 errors,
                 micro % process_count == 0,
                 f'the batch per step ({micro}) is not divisible by the {process_count} processes',
+            )
+            group, local = c.data.get('mix_group_size', 2), micro // process_count
+            _check(
+                errors,
+                not (c.data.mixup_alpha or c.data.cutmix_alpha)
+                or not _positive_int(group)
+                or local % group == 0,
+                f'config.data.mix_group_size={group} does not divide the batch per process '
+                f'({local}); MixUp/CutMix pair rows within such groups: set it to a divisor',
             )
             _check_bn_group(errors, c, micro)
     if _positive_int(eval_batch):
