@@ -39,6 +39,8 @@ _OVERRIDES = (
     'activation',
     'features_only',
     'remat',
+    'dropblock_stages',
+    'dropblock_size',
 )
 _SCALING = ('width', 'depth', 'resolution')
 
@@ -84,9 +86,10 @@ def create_model(
     drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
     depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
     features_only, remat (recompute each block's activations in the backward pass instead of
-    keeping them; the same gradients); and the scaling coefficients width, depth and resolution
-    (``scaled_variant``). This is the one place a model is built from a name: training, the
-    scripts and the tests all come through here.
+    keeping them; the same gradients), dropblock_stages and dropblock_size (DropBlock on those
+    stages' block outputs, efficientnet/dropblock.py); and the scaling coefficients width,
+    depth and resolution (``scaled_variant``). This is the one place a model is built from a
+    name: training, the scripts and the tests all come through here.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDES) - set(_SCALING))
     if unknown:
@@ -109,6 +112,8 @@ def create_model(
         raise ValueError(f'bn_group_size must be a positive int or None, got {g!r}')
     if not isinstance(overrides.get('remat', False), bool):
         raise ValueError(f'remat must be True or False, got {overrides["remat"]!r}')
+    if 'dropblock_stages' in overrides:
+        overrides['dropblock_stages'] = tuple(int(s) for s in overrides['dropblock_stages'])
     return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientnet import arch
+from efficientnet import dropblock as dropblock_lib
 from efficientnet.layers import (
     BatchNorm,
     Conv2D,
@@ -108,6 +109,10 @@ class EfficientNet(nn.Module):
     activation: str | None = None  # None: the variant's
     features_only: bool = False  # backbone use: no head, returns the endpoints dict only
     remat: bool = False  # recompute each block's activations in the backward pass
+    # DropBlock (efficientnet/dropblock.py) on every block output of these stages (0-based,
+    # negative from the end), in training calls that pass ``dropblock_keep_prob``.
+    dropblock_stages: tuple[int, ...] = ()
+    dropblock_size: int = 7
     dtype: Any = jnp.float32
 
     @property
@@ -126,7 +131,13 @@ class EfficientNet(nn.Module):
             raise ValueError(f'images of {x.shape[1]}x{x.shape[2]} are too small')
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, return_endpoints: bool = False):
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        return_endpoints: bool = False,
+        dropblock_keep_prob: Any = None,
+    ):
         self._check_input(x)
         activation = self.activation or self.variant.activation
         act = activation_fn(activation)
@@ -150,6 +161,10 @@ class EfficientNet(nn.Module):
         # moving statistics, stochastic depth). Variables, rngs and names are lifted unchanged,
         # so the parameter tree and the dropout draws do not depend on ``remat``.
         block = nn.remat(MBConv, static_argnums=(2,)) if self.remat else MBConv
+        dropblock_stages = frozenset()
+        if train and self.dropblock_stages and dropblock_keep_prob is not None:
+            num_stages = max(spec.stage for spec in blocks) + 1
+            dropblock_stages = dropblock_lib.resolve_stages(self.dropblock_stages, num_stages)
         for spec in blocks:
             x = block(
                 spec,
@@ -160,6 +175,9 @@ class EfficientNet(nn.Module):
                 self.dtype,
                 name=f'blocks_{spec.index}',
             )(x, train)
+            if spec.stage in dropblock_stages:
+                rng = self.make_rng('dropout')
+                x = dropblock_lib.dropblock(x, dropblock_keep_prob, self.dropblock_size, rng)
             if spec.index in names:
                 endpoints[names[spec.index]] = x
         if self.features_only:
