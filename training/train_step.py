@@ -66,7 +66,7 @@ def make_train_step(
     """
     base_key = jax.random.key(seed)
 
-    def train_step(state: TrainState, batch: dict, teacher_vars: Any = None):
+    def train_step_with_teacher(state: TrainState, batch: dict, teacher_vars: Any = None):
         rng = jax.random.fold_in(base_key, state.step)
         images = normalize_images(batch['image'], normalization, compute_dtype)
         labels = batch['label']
@@ -163,8 +163,12 @@ def make_train_step(
 
     batch_s = sharding.batch_sharding(mesh)
     if teacher is None:
+
+        def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+            return train_step_with_teacher(state, batch)
+
         return jax.jit(
-            lambda state, batch: train_step(state, batch),
+            train_step,
             in_shardings=(state_shardings, batch_s),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
@@ -173,7 +177,7 @@ def make_train_step(
     # techniques: distillation. The teacher's variables are a (never donated) argument, placed
     # by the caller, so they are neither constants in the program nor part of the state.
     jitted = jax.jit(
-        train_step,
+        train_step_with_teacher,
         in_shardings=(state_shardings, batch_s, sharding.shardings_of(teacher_variables)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
