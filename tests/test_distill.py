@@ -59,6 +59,7 @@ def teacher_file(tmp_path_factory):
     return path, variables
 
 
+@pytest.mark.slow
 def test_step_loss_equals_formula_and_teacher_stays_bit_identical(teacher_file):
     import tensorflow as tf
 
