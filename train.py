@@ -184,6 +184,8 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     )
     for k, v in plan.to_dict().items():
         logging.info('derived %s = %s', k, v)
+    # Before anything is written: create_run reads a distillation teacher, which may fail.
+    run = run_lib.create_run(config, plan)
     if jax.process_index() == 0:
         config_resolve.write_resolved(config, plan, workdir)
     # TensorBoard (and the sweep and plot tools that read its event files) keeps every scalar;
@@ -191,7 +193,6 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     writers = [metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else []
     writer = metric_writers.AsyncMultiWriter(writers)
 
-    run = run_lib.create_run(config, plan)
     mesh, train_step, eval_step = run.mesh, run.train_step, run.eval_step
 
     ckpt = ckpt_lib.Checkpointer(
@@ -225,7 +226,8 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
         """Fetches pending metrics; raises on the first non-finite loss, naming its step."""
         fetched = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
-            if not np.isfinite(m['total_loss']):
+            # A step that loss scaling skipped (grads_finite 0) changed nothing but the scale.
+            if not np.isfinite(m['total_loss']) and m.get('grads_finite', 1.0):
                 raise FloatingPointError(
                     f'non-finite loss {float(m["total_loss"])} at step {s} (1-based); the last '
                     f'good checkpoint in {ckpt.workdir} is kept (step {ckpt.latest_step()})'

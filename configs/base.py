@@ -49,6 +49,10 @@ def get_data_config() -> ml_collections.ConfigDict:
     # (Variant.normalization: lite for Lite, imagenet for the others)
     d.normalization = ml_collections.FieldReference(None, field_type=str)
     d.cache = False
+    # Distillation with config.distill.teacher_input = 'clean': each training example also
+    # yields 'teacher_image', an eval centre crop at this resolution (None: no such image).
+    d.teacher_resolution = ml_collections.FieldReference(None, field_type=int)
+    d.teacher_crop_fraction = ml_collections.FieldReference(None, field_type=float)
     d.fake_num_train = 1024
     d.fake_num_eval = 256
     return d
@@ -110,6 +114,40 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.label_smoothing = 0.1
     config.ema_decay = 0.9999  # 0: no EMA (the EMA copy follows the weights)
+
+    # Techniques beyond the base recipe, all off by default (docs/techniques.md).
+    # float16 compute with dynamic loss scaling (training/loss_scale.py): use with
+    # --config.model.compute_dtype=float16 on GPUs without bfloat16.
+    config.loss_scale = ml_collections.ConfigDict()
+    config.loss_scale.mode = 'none'  # none | dynamic
+    config.loss_scale.initial_scale = 2.0**15
+    config.loss_scale.growth_interval = 2000  # finite steps in a row before the scale doubles
+    # Knowledge distillation from a frozen teacher (training/distill.py).
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ml_collections.FieldReference(None, field_type=str)  # None: off
+    config.distill.teacher_model = ml_collections.FieldReference(None, field_type=str)
+    config.distill.temperature = 1.0
+    config.distill.alpha = 0.5  # weight of the teacher term; 1 - alpha on the labels
+    # student: the student's augmented image, resized to the teacher's resolution on the
+    # device; clean: the pipeline's centre crop at config.data.teacher_resolution
+    config.distill.teacher_input = 'student'
+    # DropBlock (efficientnet/dropblock.py) on the block outputs of these stages (0-based,
+    # negative from the end); keep_prob falls linearly from 1 at step 0 to this value at the
+    # last step. keep_prob 1.0: off.
+    config.dropblock = ml_collections.ConfigDict()
+    config.dropblock.keep_prob = 1.0
+    config.dropblock.block_size = 7
+    config.dropblock.stages = (-2, -1)
+    # Magnitude pruning with tfmot's PolynomialDecay schedule (training/pruning.py); steps
+    # count optimizer updates.
+    config.pruning = ml_collections.ConfigDict()
+    config.pruning.enabled = False
+    config.pruning.initial_sparsity = 0.0
+    config.pruning.final_sparsity = 0.5
+    config.pruning.begin_step = 0
+    config.pruning.end_step = 1000
+    config.pruning.power = 3.0
+    config.pruning.frequency = 100
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = 1  # devices per parameter shard; 1: replicate parameters

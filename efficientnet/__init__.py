@@ -42,6 +42,8 @@ _OVERRIDES = (
     'features_only',
     'remat',
     'scan_blocks',
+    'dropblock_stages',
+    'dropblock_size',
 )
 _SCALING = ('width', 'depth', 'resolution')
 
@@ -90,9 +92,11 @@ def create_model(
     bn_momentum (the BatchNorm moving-average momentum; default the variant's), features_only,
     remat (recompute each block's activations in the backward pass instead of keeping them;
     the same gradients), scan_blocks (compile each stage's repeated blocks once: compile time
-    that does not grow with depth; the same variables and outputs); and the scaling
-    coefficients width, depth and resolution (``scaled_variant``). This is the one place a
-    model is built from a name: training, the scripts and the tests all come through here.
+    that does not grow with depth; the same variables and outputs), dropblock_stages and
+    dropblock_size (DropBlock on those stages' block outputs, efficientnet/dropblock.py); and
+    the scaling coefficients width, depth and resolution (``scaled_variant``). This is the one
+    place a model is built from a name: training, the scripts and the tests all come through
+    here.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDES) - set(_SCALING))
     if unknown:
@@ -116,6 +120,8 @@ def create_model(
     for key in ('remat', 'scan_blocks'):
         if not isinstance(overrides.get(key, False), bool):
             raise ValueError(f'{key} must be True or False, got {overrides[key]!r}')
+    if 'dropblock_stages' in overrides:
+        overrides['dropblock_stages'] = tuple(int(s) for s in overrides['dropblock_stages'])
     return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientnet import arch
+from efficientnet import dropblock as dropblock_lib
 from efficientnet.layers import (
     BatchNorm,
     Conv2D,
@@ -241,6 +242,10 @@ class EfficientNet(nn.Module):
     features_only: bool = False  # backbone use: no head, returns the endpoints dict only
     remat: bool = False  # recompute each block's activations in the backward pass
     scan_blocks: bool = False  # compile each stage's repeated blocks once (jax.lax.scan)
+    # DropBlock (efficientnet/dropblock.py) on every block output of these stages (0-based,
+    # negative from the end), in training calls that pass ``dropblock_keep_prob``.
+    dropblock_stages: tuple[int, ...] = ()
+    dropblock_size: int = 7
     dtype: Any = jnp.float32
 
     @property
@@ -259,7 +264,13 @@ class EfficientNet(nn.Module):
             raise ValueError(f'images of {x.shape[1]}x{x.shape[2]} are too small')
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, return_endpoints: bool = False):
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        return_endpoints: bool = False,
+        dropblock_keep_prob: Any = None,
+    ):
         self._check_input(x)
         activation = self.activation or self.variant.activation
         act = activation_fn(activation)
@@ -294,15 +305,26 @@ class EfficientNet(nn.Module):
         options = (
             activation, self.padding, self.depthwise_impl, self.bn_group_size, self.dtype, momentum
         )  # fmt: skip
+        dropblock_stages = frozenset()
+        if train and self.dropblock_stages and dropblock_keep_prob is not None:
+            num_stages = max(spec.stage for spec in blocks) + 1
+            dropblock_stages = dropblock_lib.resolve_stages(self.dropblock_stages, num_stages)
         for run in scan_runs(blocks, names):
-            # Initialisation creates each block's variables the usual way (same values).
-            if self.scan_blocks and len(run) > 1 and not self.is_initializing():
+            # Initialisation creates each block's variables the usual way (same values). A stage
+            # with DropBlock after each block runs unscanned.
+            scan = self.scan_blocks and len(run) > 1 and run[0].stage not in dropblock_stages
+            if scan and not self.is_initializing():
                 template = kinds[run[0].fused](run[0], *options, parent=None)
                 x = self._scan_run(run, x, train, template)
             else:
                 for spec in run:
                     block = blocks_of[spec.fused]
                     x = block(spec, *options, name=f'blocks_{spec.index}')(x, train)
+                    if spec.stage in dropblock_stages:
+                        rng = self.make_rng('dropout')
+                        x = dropblock_lib.dropblock(
+                            x, dropblock_keep_prob, self.dropblock_size, rng
+                        )
             if run[-1].index in names:
                 endpoints[names[run[-1].index]] = x
         if self.features_only:

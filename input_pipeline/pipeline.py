@@ -115,6 +115,7 @@ def build_train_dataset(
     random_crop = bool(cfg_get(config, 'random_crop', True))
     random_flip = bool(cfg_get(config, 'random_flip', True))
     augment_fn = _augment_fn(config)
+    teacher_resolution = cfg_get(config, 'teacher_resolution')
     mixup_alpha = float(cfg_get(config, 'mixup_alpha', 0.0))
     cutmix_alpha = float(cfg_get(config, 'cutmix_alpha', 0.0))
     mixing = mixup_alpha > 0 or cutmix_alpha > 0
@@ -146,7 +147,15 @@ def build_train_dataset(
         )
         if augment_fn is not None:
             image = augment_fn(image, aug_seed)
-        return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+        out = {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+        if teacher_resolution:  # distillation's clean teacher view (training/distill.py)
+            out['teacher_image'] = preprocessing.preprocess_eval(
+                example['image'],
+                int(teacher_resolution),
+                interpolation=interpolation,
+                crop_fraction=cfg_get(config, 'teacher_crop_fraction'),
+            )
+        return out
 
     ds = tf.data.Dataset.range(start_step, 2**62)
     ds = ds.map(read_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()

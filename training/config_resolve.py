@@ -20,10 +20,11 @@ from typing import Any
 import jax.numpy as jnp
 
 import efficientnet
-from efficientnet import arch, paths
+from efficientnet import arch, dropblock, paths
 from efficientnet.cli import UserError, format_problems
 from efficientnet.layers import DEPTHWISE_IMPLS
 from efficientnet.normalization import NORMALIZATIONS
+from training import distill, loss_scale, pruning
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -184,6 +185,7 @@ def _check_paths(errors: list[str], config: Any, workdir: str | None) -> None:
             ('config.data.manual_dir', d.manual_dir),
             ('config.data.folder', d.folder),
             ('config.data.fashion_mnist_dir', d.get('fashion_mnist_dir')),
+            ('config.distill.teacher', config.get('distill', {}).get('teacher')),
         ]
     )
 
@@ -426,6 +428,27 @@ def resolve(
         )
 
     _check_paths(errors, c, workdir)
+    # Techniques beyond the base recipe (off by default): each module checks its own section.
+    for module in (loss_scale, distill, pruning):
+        errors += module.config_problems(c)
+    db = c.get('dropblock')
+    if db is not None:
+        _check(
+            errors,
+            0.0 < db.keep_prob <= 1.0,
+            f'config.dropblock.keep_prob must be in (0, 1] (1: off), got {db.keep_prob}',
+        )
+        _check(
+            errors,
+            _positive_int(db.block_size),
+            f'config.dropblock.block_size must be a positive integer, got {db.block_size!r}',
+        )
+        if db.keep_prob < 1.0 and not errors:
+            try:
+                num_stages = max(s.stage for s in arch.build_blocks(arch.get_variant(m.name))) + 1
+                dropblock.resolve_stages(tuple(db.stages), num_stages)
+            except ValueError as e:
+                errors.append(f'config.dropblock.stages: {e}')
 
     info = None
     # The dataset lookup may be slow (TensorFlow, tfds); skipped only when the fields it reads
@@ -510,7 +533,16 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
         depthwise_impl=m.depthwise_impl,
         remat=m.get('remat', False),  # absent in the config.json of older runs
         scan_blocks=m.get('scan_blocks', False),  # older runs resume unscanned, bit-identical
+        **dropblock_overrides(config),
     )
+
+
+def dropblock_overrides(config: Any) -> dict[str, Any]:
+    """The model options ``config.dropblock`` asks for (none when it is off)."""
+    d = config.get('dropblock')
+    if d is None or d.keep_prob >= 1.0:
+        return {}
+    return {'dropblock_stages': tuple(d.stages), 'dropblock_size': int(d.block_size)}
 
 
 def write_resolved(config: Any, plan: RunPlan, workdir: str) -> str:

@@ -21,6 +21,9 @@ from jax.sharding import Mesh
 
 from efficientnet import EfficientNet
 from training import config_resolve, optim, sharding
+from training import distill as distill_lib
+from training import loss_scale as loss_scale_lib
+from training import pruning as pruning_lib
 from training import state as state_lib
 from training.state import TrainState
 from training.train_step import make_eval_step, make_train_step
@@ -42,12 +45,21 @@ class Run:
     state_shardings: Any
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[TrainState, dict], dict]
+    # Distillation (training/distill.py): the frozen teacher and its variables on the mesh.
+    teacher: Any = None
+    teacher_variables: Any = None
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """The step-0 state, created directly in its shardings from ``seed`` (default:
         ``config.seed``)."""
         seed = self.config.seed if seed is None else seed
-        init = state_lib.make_init_fn(self.model, self.tx, self.config.data.resolution)
+        init = state_lib.make_init_fn(
+            self.model,
+            self.tx,
+            self.config.data.resolution,
+            loss_scale_lib.from_config(self.config),
+            pruning_lib.from_config(self.config) is not None,
+        )
         return state_lib.jit_init(init, self.state_shardings, self.mesh)(jax.random.key(seed))
 
 
@@ -75,9 +87,22 @@ def create_run(
     variables = state_lib.abstract_variables(model, config.data.resolution)
     decay_mask = optim.weight_decay_mask(variables['params'], variables.get('batch_stats', {}))
     tx = optim.create_optimizer(o, schedule, decay_mask)
-    abstract = state_lib.abstract_state_from_variables(variables, tx)
+    pruning = pruning_lib.from_config(config)
+    abstract = state_lib.abstract_state_from_variables(
+        variables, tx, loss_scale_lib.from_config(config), pruning is not None
+    )
     shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     dtype = config_resolve.COMPUTE_DTYPES[config.model.compute_dtype]
+    teacher, teacher_variables = None, None
+    try:
+        loaded = distill_lib.load_teacher(config, plan.num_classes)
+    except (FileNotFoundError, ValueError) as e:  # before anything compiles: one line
+        raise config_resolve.ConfigError(
+            f'config.distill.teacher={config.distill.teacher}: {e}'
+        ) from e
+    if loaded is not None:  # placed once, by the rules that place the student's parameters
+        teacher, host_variables = loaded
+        teacher_variables = sharding.place(host_variables, mesh, config.mesh.fsdp_min_size)
     train_step = make_train_step(
         model,
         tx,
@@ -92,6 +117,11 @@ def create_run(
         grad_accum_steps=plan.grad_accum_steps,
         normalization=plan.normalization,
         compute_dtype=dtype,
+        pruning=pruning,
+        teacher=teacher,
+        teacher_variables=teacher_variables,
+        dropblock_keep_prob=config.dropblock.keep_prob if 'dropblock' in config else 1.0,
+        total_steps=plan.total_steps,
     )
     eval_step = make_eval_step(
         model,
@@ -113,4 +143,6 @@ def create_run(
         state_shardings=shardings,
         train_step=train_step,
         eval_step=eval_step,
+        teacher=teacher,
+        teacher_variables=teacher_variables,
     )

@@ -68,3 +68,20 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def place(host_tree: Any, mesh: Mesh, fsdp_min_size: int = 2**14) -> Any:
+    """Host (numpy) arrays -> global jax.Arrays placed by the state rules (``state_shardings``);
+    every process passes the same values (multi-process safe)."""
+    shardings = state_shardings(host_tree, mesh, fsdp_min_size)
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(put, host_tree, shardings)
+
+
+def shardings_of(tree: Any) -> Any:
+    """The shardings of a tree of jax.Arrays (``place``'s output), for jit's in_shardings."""
+    return jax.tree.map(lambda x: x.sharding, tree)

@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from training import compilation, sharding
+from training import pruning as pruning_lib
 
 
 @flax.struct.dataclass
@@ -28,6 +29,11 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     ema_batch_stats: Any
+    # Optional techniques (None when off; None holds no arrays, so checkpoints of runs without
+    # them keep their layout): the dynamic loss scale (training/loss_scale.py) and the pruning
+    # masks (training/pruning.py).
+    loss_scale: Any = None
+    prune_masks: Any = None
 
 
 def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> Any:
@@ -35,8 +41,14 @@ def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> Any:
     return model.init({'params': rng}, jnp.zeros((1, image_size, image_size, 3)), train=False)
 
 
-def state_from_variables(variables: Any, tx: optax.GradientTransformation) -> TrainState:
-    """The step-0 train state around the model's initial ``variables``."""
+def state_from_variables(
+    variables: Any,
+    tx: optax.GradientTransformation,
+    loss_scale: Any = None,
+    pruning: bool = False,
+) -> TrainState:
+    """The step-0 train state around the model's initial ``variables``; ``loss_scale`` (a
+    training.loss_scale state) and ``pruning`` (all-true masks) when those techniques are on."""
     params = variables['params']
     batch_stats = variables.get('batch_stats', {})
     # The EMA starts at the initial values (as TF's ExponentialMovingAverage shadows do);
@@ -48,14 +60,21 @@ def state_from_variables(variables: Any, tx: optax.GradientTransformation) -> Tr
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params),
         ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        loss_scale=loss_scale,
+        prune_masks=pruning_lib.init_masks(params) if pruning else None,
     )
 
 
 def make_init_fn(
-    model: nn.Module, tx: optax.GradientTransformation, image_size: int
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    loss_scale: Any = None,
+    pruning: bool = False,
 ) -> Callable[[jax.Array], TrainState]:
     def init(rng: jax.Array) -> TrainState:
-        return state_from_variables(init_variables(model, image_size, rng), tx)
+        variables = init_variables(model, image_size, rng)
+        return state_from_variables(variables, tx, loss_scale, pruning)
 
     return init
 
@@ -65,10 +84,15 @@ def abstract_variables(model: nn.Module, image_size: int) -> Any:
     return jax.eval_shape(lambda: init_variables(model, image_size, jax.random.key(0)))
 
 
-def abstract_state_from_variables(variables: Any, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state_from_variables(
+    variables: Any,
+    tx: optax.GradientTransformation,
+    loss_scale: Any = None,
+    pruning: bool = False,
+) -> TrainState:
     """Shapes and dtypes of the state, from ``abstract_variables`` without tracing the model
     again (the tracing shows in the time to the first step; docs/benchmarks.md)."""
-    return jax.eval_shape(lambda v: state_from_variables(v, tx), variables)
+    return jax.eval_shape(lambda v: state_from_variables(v, tx, loss_scale, pruning), variables)
 
 
 def jit_init(
