@@ -1,6 +1,6 @@
 """Magnitude pruning on Fashion-MNIST: fine-tunes a trained quickstart model while tfmot's
 polynomial schedule raises the sparsity of every conv and dense kernel from 0 to 75%
-(docs/techniques.md).
+(docs/techniques.md). Pass the dense model with --config.init_from, as below.
 
     python train.py --config=configs/quickstart.py --workdir=/tmp/fmnist_dense
     python train.py --config=configs/prune.py --workdir=/tmp/fmnist_pruned75 \
@@ -12,7 +12,6 @@ from configs import quickstart
 
 def get_config():
     config = quickstart.get_config()
-    config.init_from = '/tmp/fmnist_dense'
     config.num_epochs = 3.0  # 1404 updates at batch 128
     config.optim.base_learning_rate = 0.008  # a fine-tune: a quarter of the quickstart rate
     config.optim.warmup_epochs = 0.0
