@@ -135,5 +135,7 @@ def test_v2_finetune_config():
         10.0,
         0.1,
     )
+    assert config.init_from == 'w.msgpack'
+    config.init_from = None  # resolve checks that the file exists (tests/test_faults_config.py)
     plan = resolve(config, device_count=DEVICE_COUNT, dataset_info_fn=dataset_info)
     assert plan.normalization == 'v2' and plan.num_classes == 5
