@@ -270,6 +270,7 @@ def test_scan_runs_group_each_stages_repeats_behind_its_first_block():
 
 
 @pytest.mark.slow  # four training-mode compiles of a small model: minutes on 2 shared cores
+@pytest.mark.heavy
 def test_scanned_blocks_keep_variables_outputs_and_gradients():
     """``scan_blocks=True`` changes the program, not the model: initialisation gives the same
     per-block variables bit for bit (so checkpoints and weight files load either way),

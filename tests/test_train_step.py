@@ -212,11 +212,14 @@ def test_fsdp_step_equals_data_parallel_step(eight_device_run):
     state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
     ours, ref = _host(state), _host(r['state'])
     for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+        # RMSProp's second moment holds squared gradients, which double the relative rounding
+        # of the sharded reduction (measured up to 2.9e-5 on stem_conv): 1e-4 there.
+        tol = 1e-4 if field == 'opt_state' else 1e-5
         for (path, a), b in zip(
             jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
             jax.tree.leaves(getattr(ref, field)),
         ):
             np.testing.assert_allclose(
-                a, b, atol=1e-5, rtol=1e-5, err_msg=f'{field}{jax.tree_util.keystr(path)}'
+                a, b, atol=tol, rtol=tol, err_msg=f'{field}{jax.tree_util.keystr(path)}'
             )
     np.testing.assert_allclose(np.asarray(metrics['loss']), r['metrics']['loss'], rtol=1e-5)
