@@ -49,8 +49,13 @@ class SqueezeExcite(nn.Module):
         return x * jax.nn.sigmoid(s).astype(x.dtype)
 
 
-class MBConv(nn.Module):
-    """Inverted bottleneck: [expand 1x1] -> depthwise kxk -> SE -> project 1x1 (+ residual)."""
+class _Block(nn.Module):
+    """What MBConv and Fused-MBConv share: their options, BatchNorm's arguments, and stochastic
+    depth with the skip connection.
+
+    ``survival`` and ``rng`` of ``__call__``, when given, replace ``spec.survival`` and the
+    block's own 'dropout' key for stochastic depth: a scan over repeated blocks passes each
+    block's rate and key (the one the block would draw unscanned) as scanned inputs."""
 
     spec: arch.BlockSpec
     activation: str = 'swish'
@@ -60,6 +65,30 @@ class MBConv(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
 
+    def _bn(self, train: bool) -> dict[str, Any]:
+        return dict(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            group_size=self.bn_group_size,
+            dtype=self.dtype,
+        )
+
+    def _residual(
+        self, x: Array, inputs: Array, train: bool, survival: Array | None, rng: Array | None
+    ) -> Array:
+        """Stochastic depth and the skip connection, when the block keeps its shape."""
+        s = self.spec
+        if s.has_residual:
+            if train and s.survival < 1.0:
+                rate = s.survival if survival is None else survival
+                x = drop_path(x, rate, self.make_rng('dropout') if rng is None else rng)
+            x = x + inputs
+        return x
+
+
+class MBConv(_Block):
+    """Inverted bottleneck: [expand 1x1] -> depthwise kxk -> SE -> project 1x1 (+ residual)."""
+
     @nn.compact
     def __call__(
         self,
@@ -68,17 +97,9 @@ class MBConv(nn.Module):
         survival: Array | None = None,
         rng: Array | None = None,
     ) -> Array:
-        """``survival`` and ``rng``, when given, replace ``spec.survival`` and the block's own
-        'dropout' key for stochastic depth: a scan over repeated blocks passes each block's
-        rate and key (the one the block would draw unscanned) as scanned inputs."""
         s = self.spec
         act = activation_fn(self.activation)
-        bn = dict(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            group_size=self.bn_group_size,
-            dtype=self.dtype,
-        )
+        bn = self._bn(train)
         inputs = x
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, dtype=self.dtype, name='expand_conv')(x)
@@ -91,30 +112,10 @@ class MBConv(nn.Module):
             x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
         x = Conv2D(s.out_channels, dtype=self.dtype, name='project_conv')(x)
         x = BatchNorm(**bn, name='project_bn')(x)
-        return _residual(self, x, inputs, train, survival, rng)
+        return self._residual(x, inputs, train, survival, rng)
 
 
-def _residual(
-    block: nn.Module,
-    x: Array,
-    inputs: Array,
-    train: bool,
-    survival: Array | None = None,
-    rng: Array | None = None,
-) -> Array:
-    """Stochastic depth and the skip connection, when the block keeps its shape. ``survival``
-    and ``rng``, when given, replace ``spec.survival`` and the block's own 'dropout' key (a scan
-    over repeated blocks passes each block's rate and key as scanned inputs)."""
-    s = block.spec
-    if s.has_residual:
-        if train and s.survival < 1.0:
-            rate = s.survival if survival is None else survival
-            x = drop_path(x, rate, block.make_rng('dropout') if rng is None else rng)
-        x = x + inputs
-    return x
-
-
-class FusedMBConv(nn.Module):
+class FusedMBConv(_Block):
     """EfficientNetV2's Fused-MBConv: k x k conv (stride) to e * Cin -> [SE] -> 1x1 project
     (+ residual). With expand 1 the k x k conv goes straight to Cout and is followed by BN and
     the activation (the project conv of the e > 1 form has none), then the residual.
@@ -124,14 +125,6 @@ class FusedMBConv(nn.Module):
     ``depthwise_impl`` is accepted (and unused) so both block types take the same arguments.
     """
 
-    spec: arch.BlockSpec
-    activation: str = 'swish'
-    padding: str = 'same'
-    depthwise_impl: str = 'auto'
-    bn_group_size: int | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.99
-
     @nn.compact
     def __call__(
         self,
@@ -140,15 +133,9 @@ class FusedMBConv(nn.Module):
         survival: Array | None = None,
         rng: Array | None = None,
     ) -> Array:
-        """``survival`` and ``rng``: as ``MBConv``'s."""
         s = self.spec
         act = activation_fn(self.activation)
-        bn = dict(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            group_size=self.bn_group_size,
-            dtype=self.dtype,
-        )
+        bn = self._bn(train)
         conv = dict(padding=self.padding, dtype=self.dtype)
         inputs = x
         if s.expand != 1:
@@ -163,7 +150,7 @@ class FusedMBConv(nn.Module):
                 raise ValueError('a Fused-MBConv block without expansion has no squeeze-excite')
             x = Conv2D(s.out_channels, s.kernel, s.stride, **conv, name='project_conv')(x)
             x = act(BatchNorm(**bn, name='project_bn')(x))
-        return _residual(self, x, inputs, train, survival, rng)
+        return self._residual(x, inputs, train, survival, rng)
 
 
 class _BlockRng(nn.Module):
