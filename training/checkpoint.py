@@ -237,8 +237,12 @@ class Checkpointer:
                 self._wait(manager)
             except CheckpointError as e:
                 error = error or e
-            if str(manager.directory) not in self._failed:  # its close() would raise again
+            try:  # joins orbax's background threads, a failed manager's too: left running,
+                # they print tracebacks at exit ("Event loop is closed")
                 manager.close()
+            except Exception:  # noqa: BLE001 - a failed save's error again, already reported
+                if str(manager.directory) not in self._failed:
+                    raise
         if error is not None:
             raise error
 
