@@ -52,7 +52,6 @@ def test_recipe_run_compiles_to_the_step_of_the_base_config():
 
 
 @pytest.mark.slow  # a tiny model's state initialisation and train step compile: ~1 min idle
-@pytest.mark.heavy
 def test_benchmark_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
     """The script on a tiny model, in a Python where TensorFlow, tfds, clu, ml_collections and
     Keras cannot be imported: it reports the time to the first step in parts and the step's

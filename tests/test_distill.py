@@ -60,7 +60,6 @@ def teacher_file(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_step_loss_equals_formula_and_teacher_stays_bit_identical(teacher_file):
     import tensorflow as tf
 

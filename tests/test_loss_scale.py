@@ -75,7 +75,6 @@ def fp16_run():
 
 
 @pytest.mark.slow  # float16 compiles slowly on CPU
-@pytest.mark.heavy
 def test_real_overflow_skips_params_optimizer_ema_and_statistics(fp16_run):
     config, mesh, run = fp16_run
     b0, b1 = _batches(config, 2)
@@ -104,7 +103,6 @@ def test_real_overflow_skips_params_optimizer_ema_and_statistics(fp16_run):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_scale_is_checkpointed_and_resume_is_exact(fp16_run, tmp_path):
     """Three steps in one go == two steps, save, restore, one step, bit for bit (the scale
     doubles after step 2: growth every 2 finite steps)."""

@@ -90,7 +90,6 @@ def _config():
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_training_reaches_exact_sparsity_in_weights_ema_and_checkpoint(tmp_path):
     config = _config()
     mesh = sharding.create_mesh(1, devices=jax.devices()[:2])

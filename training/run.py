@@ -12,6 +12,7 @@ stays with the caller (``train.py`` resumes from checkpoints; tests call ``Run.i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,12 @@ class Run:
         """The step-0 state, created directly in its shardings from ``seed`` (default:
         ``config.seed``)."""
         seed = self.config.seed if seed is None else seed
+        return self._jitted_init(jax.random.key(seed))
+
+    @functools.cached_property
+    def _jitted_init(self) -> Callable[[jax.Array], TrainState]:
+        """The initialisation, jitted once per run (the seed is an argument: one compile for
+        every seed)."""
         init = state_lib.make_init_fn(
             self.model,
             self.tx,
@@ -60,7 +67,7 @@ class Run:
             loss_scale_lib.from_config(self.config),
             pruning_lib.from_config(self.config) is not None,
         )
-        return state_lib.jit_init(init, self.state_shardings, self.mesh)(jax.random.key(seed))
+        return state_lib.jit_init(init, self.state_shardings, self.mesh)
 
 
 def create_run(
