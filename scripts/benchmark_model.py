@@ -3,12 +3,13 @@
     python scripts/benchmark_model.py --model b0 --batch 16 --resolution 224 [--dtype bfloat16]
         [--torch] [--json] [--steps 5] [--depthwise auto|xla|unrolled]
 
-Runs on whatever backend JAX finds. ``--torch`` times efficientnet_pytorch's network (train
-mode, channels-last, AMP bf16 on CUDA when --dtype bfloat16) in the same invocation, so the
-ratio compares two runs on the same machine at the same moment. Forward is inference mode;
-forward+backward is a training-mode pass (batch statistics, dropout, stochastic depth) and the
-gradient with respect to every parameter, as one training step computes it (the optimizer
-update is excluded on both sides).
+Runs on whatever backend JAX finds. ``--torch`` times the PyTorch peer's network
+(``scripts/torch_peer.py``: efficientnet_pytorch's, or timm's; train mode, channels-last, AMP
+bf16 on CUDA when --dtype bfloat16) in the same invocation, so the ratio compares two runs
+on the same machine at the same moment. Forward is inference mode; forward+backward is a
+training-mode pass (batch statistics, dropout, stochastic depth) and the gradient with respect
+to every parameter, as one training step computes it (the optimizer update is excluded on both
+sides).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other scripts' modules
 from training import allocator  # noqa: E402  (light: no jax, no torch)
 
 
@@ -33,6 +35,27 @@ def _time(fn, steps: int) -> float:
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
+
+
+def _bisect(
+    fits, lo: int, hi: int | None, start: int, max_tries: int, grow: float = 2.0
+) -> tuple[int, int | None]:
+    """The largest batch ``b`` with ``fits(b)``, by growing from ``start`` by ``grow`` until one
+    fails and then bisecting (at most ``max_tries`` calls). ``lo`` is known to fit (0: none
+    known), ``hi`` known not to (None: none known). Returns (largest that fit, smallest that
+    failed)."""
+    b = start
+    for _ in range(max_tries):
+        if hi is not None and hi - lo <= max(1, lo // 32):  # within 3%: close enough
+            break
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+        b = max(lo + 1, int(lo * grow)) if hi is None else (lo + hi) // 2
+        if b <= lo:
+            break
+    return lo, hi
 
 
 def report(results: list[dict], as_json: bool) -> None:
@@ -112,13 +135,15 @@ def bench_jax(name: str, batch: int, res: int, dtype: str, steps: int, depthwise
 
 def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict:
     import torch
-    from efficientnet_pytorch import EfficientNet
+    from torch_peer import torch_network
+
+    from efficientnet import arch
 
     cuda = torch.cuda.is_available()
     device = 'cuda' if cuda else 'cpu'
-    full = name if name.startswith('efficientnet-') else f'efficientnet-{name}'
-    net = EfficientNet.from_name(full, image_size=res).to(device)
-    net = net.to(memory_format=torch.channels_last)
+    full = arch.get_variant(name).name
+    net, source = torch_network(full, res)
+    net = net.to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=torch.channels_last)
     labels = torch.arange(batch, device=device) % 1000
     amp = dtype == 'bfloat16'
@@ -146,6 +171,7 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict
     first = time.perf_counter() - t
     out = {
         'framework': 'torch',
+        'source': source,
         'allocator': allocator.name(),
         'version': torch.__version__,
         'device': device,
@@ -174,7 +200,7 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument('--resolution', type=int, default=None, help="default: the variant's")
     p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
     p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
-    p.add_argument('--torch', action='store_true', help='also time efficientnet_pytorch')
+    p.add_argument('--torch', action='store_true', help='also time the PyTorch peer')
     p.add_argument('--json', action='store_true')
     return p
 

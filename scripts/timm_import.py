@@ -1,5 +1,5 @@
 """timm beside the CPU build of torch: the EfficientNetV2 oracle of the tests and the PyTorch
-peer of ``scripts/benchmark_train.py --torch`` for V2.
+peer of the benchmarks (``scripts/torch_peer.py``) for V2.
 
 timm imports torchvision (``FrozenBatchNorm2d``, its data transforms). The torchvision release
 that pairs with torch 2.13.0 is 0.28.0, and the registry's wheel of it is a CUDA build: its

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from configs import base
-from scripts import benchmark_train
+from scripts import bench_recipe, benchmark_model
 from training import config_resolve
 from training import run as run_lib
 
@@ -33,10 +33,10 @@ def test_recipe_run_compiles_to_the_step_of_the_base_config():
     plan = config_resolve.resolve(
         config,
         device_count=jax.device_count(),
-        dataset_info_fn=lambda _: benchmark_train.IMAGENET,
+        dataset_info_fn=lambda _: bench_recipe.IMAGENET,
     )
     ours = run_lib.create_run(config, plan)
-    bench = benchmark_train.recipe_run(name, batch, res, 'float32')
+    bench = bench_recipe.recipe_run(name, batch, res, 'float32')
     assert bench.model == ours.model
     batch_shapes = {
         'image': jax.ShapeDtypeStruct((batch, res, res, 3), 'uint8'),
@@ -87,6 +87,6 @@ def test_bisect_finds_the_largest_batch_that_fits(fits_below):
         tried.append(b)
         return b < fits_below
 
-    lo, hi = benchmark_train._bisect(fits, 0, None, 4, max_tries=20)
+    lo, hi = benchmark_model._bisect(fits, 0, None, 4, max_tries=20)
     assert lo < fits_below <= hi and hi - lo <= max(1, lo // 32)  # within 3%
     assert len(tried) <= 2 * fits_below.bit_length() + 2  # doubling, then halving

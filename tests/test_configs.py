@@ -20,7 +20,8 @@ from ml_collections import config_flags
 import input_pipeline
 from efficientnet import layers
 from scripts import sweep
-from training.config_resolve import build_model, official_bn_group_size, resolve
+from training.config_model import official_bn_group_size
+from training.config_resolve import build_model, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')

@@ -2,10 +2,10 @@
 state shapes and shardings, and the jitted train and eval steps.
 
 ``train.py`` and the tests build their runs through ``create_run``, so the pieces meet in one
-place and a test runs exactly the step that training runs. ``scripts/benchmark_train.py``
-wires the official recipe's step from the same modules without the config library (it must
-run where only jax, flax, optax and torch are installed); ``tests/test_benchmarks.py`` checks
-that it compiles to the program ``create_run`` builds. Restoring or initialising the state
+place and a test runs exactly the step that training runs. The benchmarks wire the official
+recipe's step from the same modules without the config library (``scripts/bench_recipe.py``:
+they must run where only jax, flax, optax and torch are installed); ``tests/test_benchmarks.py``
+checks that it compiles to the program ``create_run`` builds. Restoring or initialising the state
 stays with the caller (``train.py`` resumes from checkpoints; tests call ``Run.init_state``).
 """
 
