@@ -64,13 +64,13 @@ class TfdsSource(Source):
             self.builder = tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
             self._prepare(name, data_dir, manual_dir)
         info = self.builder.info
-        formats = {getattr(f, 'value', f) for f in info.available_file_formats()}
-        if ARRAY_RECORD not in formats:
-            raise ValueError(_tfrecord_message(name, str(self.builder.data_dir)))
         if getattr(info.file_format, 'value', info.file_format) != ARRAY_RECORD:
-            # Converted in place: only a builder read from the directory sees the alternative
-            # format (tfds.builder keeps using the TFRecord files).
+            # Prepared as TFRecord, perhaps converted in place since: only a builder read from
+            # the directory sees the converted format (the code's builder lists TFRecord only).
             self.builder = tfds.builder_from_directory(self.builder.data_dir)
+            formats = self.builder.info.available_file_formats()
+            if ARRAY_RECORD not in {getattr(f, 'value', f) for f in formats}:
+                raise ValueError(_tfrecord_message(name, str(self.builder.data_dir)))
         features = self.builder.info.features
         if label_key in features and hasattr(features[label_key], 'num_classes'):
             self.num_classes = features[label_key].num_classes
