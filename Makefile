@@ -52,9 +52,10 @@ tcmalloc:
 # The tests run under tcmalloc too when it is installed (EFFICIENTNET_TCMALLOC=0: not).
 TCMALLOC = $(shell $(BIN)/python -c 'from training import allocator as a; print(a.find_tcmalloc() if a.enabled() else "")')
 
-# Two pytest workers (pytest-xdist), each taking whole files; PYTEST_WORKERS=0 runs serially.
+# Two pytest workers (pytest-xdist), each taking whole files (files that share a session-wide
+# run go together, the longest first: tests/conftest.py); PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # Every test, the slow ones included (CI runs this); the 40 slowest are listed at the end.
 test: setup

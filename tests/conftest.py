@@ -37,15 +37,59 @@ def tools_env(tmp_path_factory) -> dict:
     return env
 
 
-@pytest.fixture(scope='session', autouse=True)
+@pytest.fixture(scope='module', autouse=True)
 def _training_in_background(request):
-    """When any test that loads a real train.py workdir is selected (those named '*workdir*' in
-    the inference test files; they come last there), the run they share trains in the
-    background from the start of the session."""
+    """When a test file that loads a real train.py workdir starts (``WORKDIR_TEST_FILES``; the
+    tests named '*workdir*' come last there) and any such test is selected, the run they share
+    starts training in the background, once per process, while the file's other tests run."""
     from tests import inference_fixtures
 
-    if inference_fixtures.workdir_tests_selected(request.session.items):
+    if request.path.name in inference_fixtures.WORKDIR_TEST_FILES and (
+        inference_fixtures.workdir_tests_selected(request.session.items)
+    ):
         inference_fixtures.start_training()
+
+
+# -- Scheduling over pytest-xdist workers (make test: --dist loadgroup --no-loadscope-reorder).
+# Each test file is one unit of work, so its module fixtures are computed once, except for two
+# sets of files that share an expensive session-wide run and go to one worker together: the
+# smoke config's reference run (``uninterrupted``) and the trained workdir of the inference
+# tests. Units start longest first (from the durations `make test` lists), so that no long one
+# starts last while the other worker idles; the rest keep pytest's order. A stale order costs
+# balance only, never a result.
+_SHARED_RUNS = {
+    'test_train_loop.py': 'reference run',
+    'test_faults_checkpoint.py': 'reference run',
+    'test_gcs.py': 'reference run',
+    'test_eval_predict.py': 'trained workdir',
+    'test_loading.py': 'trained workdir',
+}
+_LONGEST_FIRST = (
+    'reference run',
+    'test_sweep.py',
+    'test_finetune.py',
+    'test_model.py',
+    'trained workdir',
+    'test_faults_workers.py',
+    'test_train_step.py',
+    'test_input_distributed.py',
+    'test_loss_scale.py',
+    'test_pruning.py',
+    'test_distill.py',
+    'test_dropblock.py',
+    'test_export.py',
+)
+
+
+def _unit(item) -> str:
+    return _SHARED_RUNS.get(item.path.name, item.path.name)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    rank = {unit: i for i, unit in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(scope='session')

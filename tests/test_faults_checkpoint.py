@@ -140,11 +140,17 @@ def _largest_array_file(step_dir):
     return max(_array_files(step_dir), key=os.path.getsize)
 
 
-def _flip(path, count=64, at=None):
+def _flip(path, count=64, places=7):
+    """Inverts ``count`` bytes at each of ``places`` points spread over the file. One point
+    alone may fall where nothing is read: a data file of TensorStore's OCDBT also holds the
+    b-tree nodes each process wrote before orbax merged them into one tree, which the merged
+    tree no longer references (a 64-byte flip at the middle of the file went undetected there,
+    and the state restored intact)."""
     data = bytearray(open(path, 'rb').read())
-    at = len(data) // 2 if at is None else at
-    for i in range(at, min(at + count, len(data))):
-        data[i] ^= 0xFF
+    for k in range(1, places + 1):
+        at = len(data) * k // (places + 1)
+        for i in range(at, min(at + count, len(data))):
+            data[i] ^= 0xFF
     open(path, 'wb').write(bytes(data))
 
 
@@ -329,7 +335,7 @@ def _run(env, workdir, *overrides, preexec_fn=None, timeout=420):
 def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before_exactly(
     train_env, uninterrupted, tmp_path
 ):
-    """64 flipped bytes in step 8's largest array data file of a finished run: the rerun names
+    """7 × 64 flipped bytes in step 8's largest array data file of a finished run: the rerun names
     step 8 as skipped (by the checksums when TensorStore decodes the damaged bytes without
     an error, by TensorStore when they hit its b-tree, which carries a CRC), resumes from step
     4 and ends with the uninterrupted run's state at step 8, bit for bit; the damaged step
