@@ -55,7 +55,7 @@ TCMALLOC = $(shell $(BIN)/python -c 'from training import allocator as a; print(
 # Two pytest workers (pytest-xdist), each taking whole files (files that share a session-wide
 # run go together, the longest first: tests/conftest.py); PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # Every test, the slow ones included (CI runs this); the 40 slowest are listed at the end.
 test: setup

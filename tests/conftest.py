@@ -50,13 +50,14 @@ def _training_in_background(request):
         inference_fixtures.start_training()
 
 
-# -- Scheduling over pytest-xdist workers (make test: --dist loadgroup --no-loadscope-reorder).
+# -- Scheduling over pytest-xdist workers (make test: --dist loadfile --no-loadscope-reorder).
 # Each test file is one unit of work, so its module fixtures are computed once, except for two
 # sets of files that share an expensive session-wide run and go to one worker together: the
 # smoke config's reference run (``uninterrupted``) and the trained workdir of the inference
 # tests. Units start longest first (from the durations `make test` lists), so that no long one
 # starts last while the other worker idles; the rest keep pytest's order. A stale order costs
-# balance only, never a result.
+# balance only, never a result. (xdist's own grouping, --dist loadgroup, renames node ids in a
+# way pytest 9 ignores; a scheduler whose unit is the file or its set works with both.)
 _SHARED_RUNS = {
     'test_train_loop.py': 'reference run',
     'test_faults_checkpoint.py': 'reference run',
@@ -81,58 +82,25 @@ _LONGEST_FIRST = (
 )
 
 
-def _unit(item) -> str:
-    return _SHARED_RUNS.get(item.path.name, item.path.name)
+def _unit(nodeid: str) -> str:
+    """The unit of work of a test: its file, or the set of files it shares a run with."""
+    name = os.path.basename(nodeid.split('::', 1)[0])
+    return _SHARED_RUNS.get(name, name)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
     rank = {unit: i for i, unit in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: file order
 
 
-@pytest.fixture(scope='session')
-def train_env(tmp_path_factory) -> dict:
-    """Environment for the smoke train.py runs (tests/test_train_loop.py, tests/test_gcs.py):
-    eight CPU devices, and a compilation cache that only the first run pays to fill."""
-    from tests.test_train_loop import ROOT
+def pytest_xdist_make_scheduler(config, log):
+    """With --dist loadfile: whole units of work (``_unit``) per worker, in collection order."""
+    if config.getvalue('dist') != 'loadfile':
+        return None
+    from xdist.scheduler import LoadScopeScheduling
 
-    env = dict(os.environ)
-    env.update(
-        {
-            'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-            'JAX_PLATFORMS': 'cpu',
-            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-            'TF_CPP_MIN_LOG_LEVEL': '2',
-            'PYTHONPATH': ROOT,
-        }
-    )
-    return env
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
 
-
-@pytest.fixture(scope='session')
-def uninterrupted(train_env, tmp_path_factory):
-    """The reference: the smoke config trained in one go on local disk, (workdir, process)."""
-    from tests.test_train_loop import _train
-
-    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-    return workdir, _train(train_env, workdir)
-
-
-@pytest.fixture(scope='session')
-def gcs_emulator(tmp_path_factory):
-    """An offline GCS (tests/gcs_emulator.py) for the session: `.env` to merge into the
-    environment of a subprocess under test (never into this process's), `.make_bucket(name)`,
-    `.list_objects(bucket, prefix)`, `.read_object(bucket, name)`. A missing emulator binary
-    fails the test with the command that installs it; it is not skipped."""
-    from tests.gcs_emulator import GcsEmulator, binary_path
-
-    try:
-        binary_path()
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    with GcsEmulator(tmp_path_factory.mktemp('gcs_emulator')) as emulator:
-        yield emulator
+    return UnitScheduling(config, log)
