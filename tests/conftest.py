@@ -50,6 +50,52 @@ def _training_in_background(request):
         inference_fixtures.start_training()
 
 
+@pytest.fixture(scope='session')
+def train_env(tmp_path_factory) -> dict:
+    """Environment for the smoke train.py runs (tests/test_train_loop.py, tests/test_gcs.py):
+    eight CPU devices, and a compilation cache that only the first run pays to fill."""
+    from tests.test_train_loop import ROOT
+
+    env = dict(os.environ)
+    env.update(
+        {
+            'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+            'JAX_PLATFORMS': 'cpu',
+            'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+            'TF_CPP_MIN_LOG_LEVEL': '2',
+            'PYTHONPATH': ROOT,
+        }
+    )
+    return env
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(train_env, tmp_path_factory):
+    """The reference: the smoke config trained in one go on local disk, (workdir, process)."""
+    from tests.test_train_loop import _train
+
+    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+    return workdir, _train(train_env, workdir)
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator(tmp_path_factory):
+    """An offline GCS (tests/gcs_emulator.py) for the session: `.env` to merge into the
+    environment of a subprocess under test (never into this process's), `.make_bucket(name)`,
+    `.list_objects(bucket, prefix)`, `.read_object(bucket, name)`. A missing emulator binary
+    fails the test with the command that installs it; it is not skipped."""
+    from tests.gcs_emulator import GcsEmulator, binary_path
+
+    try:
+        binary_path()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    with GcsEmulator(tmp_path_factory.mktemp('gcs_emulator')) as emulator:
+        yield emulator
+
+
 # -- Scheduling over pytest-xdist workers (make test: --dist loadfile --no-loadscope-reorder).
 # Each test file is one unit of work, so its module fixtures are computed once, except for two
 # sets of files that share an expensive session-wide run and go to one worker together: the

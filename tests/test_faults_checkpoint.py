@@ -140,12 +140,12 @@ def _largest_array_file(step_dir):
     return max(_array_files(step_dir), key=os.path.getsize)
 
 
-def _flip(path, count=64, places=7):
-    """Inverts ``count`` bytes at each of ``places`` points spread over the file. One point
-    alone may fall where nothing is read: a data file of TensorStore's OCDBT also holds the
-    b-tree nodes each process wrote before orbax merged them into one tree, which the merged
-    tree no longer references (a 64-byte flip at the middle of the file went undetected there,
-    and the state restored intact)."""
+def _flip(path, count=64, places=1):
+    """Inverts ``count`` bytes at each of ``places`` points spread evenly over the file (one:
+    its middle). In a train.py checkpoint one point may fall where nothing is read: a data file
+    of TensorStore's OCDBT also holds the b-tree nodes each process wrote before orbax merged
+    them into one tree, which the merged tree no longer references (a flip at the middle went
+    undetected there once, and the state restored intact); several points make a hit certain."""
     data = bytearray(open(path, 'rb').read())
     for k in range(1, places + 1):
         at = len(data) * k // (places + 1)
@@ -341,7 +341,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_one_before_exact
     4 and ends with the uninterrupted run's state at step 8, bit for bit; the damaged step
     stays on disk as 8.skipped-<why>."""
     workdir = _copy(uninterrupted, tmp_path)
-    _flip(_largest_array_file(os.path.join(workdir, 'checkpoints', '8')))
+    _flip(_largest_array_file(os.path.join(workdir, 'checkpoints', '8')), places=7)
     p = _run(train_env, workdir)
     assert p.returncode == 0, p.stderr[-4000:]
     assert 'checkpoint step 8 skipped: ' in p.stderr, p.stderr[-4000:]
