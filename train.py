@@ -21,7 +21,6 @@ if __name__ == '__main__':  # before the heavy imports: may re-execute under tcm
 
 import logging as py_logging
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -35,7 +34,15 @@ from ml_collections import config_flags
 
 import configs
 from efficientnet import cli
-from training import allocator, compilation, config_resolve, data, distributed, sharding
+from training import (
+    allocator,
+    compilation,
+    config_resolve,
+    data,
+    distributed,
+    progressive,
+    sharding,
+)
 from training import checkpoint as ckpt_lib
 from training import run as run_lib
 from training.metrics import EvalAccumulator
@@ -55,41 +62,6 @@ flags.DEFINE_integer(
     'and the others stop (multi-process).',
 )
 flags.DEFINE_bool('verbose', False, cli.VERBOSE_HELP)
-
-
-class _Preemption:
-    """SIGTERM -> save at the next step boundary, then return. Multi-process runs use jax's
-    preemption sync point instead, so that every process stops at the same step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Preemption:
-        if jax.process_count() == 1:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread: no handler, no preemption saves
-                self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.requested = True
-
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils
-
-                return multihost_utils.reached_preemption_sync_point(step)
-            except Exception:  # noqa: BLE001 - no preemption service in this cluster
-                return False
-        return self.requested
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -209,13 +181,32 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
     is_ckpt_step = lambda s: (
         s % ckpt_every == 0 or s == total or s % plan.eval_every_micro_steps == 0
     )
+    # Progressive learning (training/progressive.py): the stage follows from the step alone,
+    # so a resumed run continues in its stage, at the stage's size and strength.
+    stages = progressive.plan_stages(config, plan)
+    stage = progressive.stage_at(stages, step) if stages else None
     iterator = data.create_train_iterator(
-        config.data, global_batch_size=plan.micro_batch, seed=config.seed, start_step=step
+        config.data,
+        global_batch_size=plan.micro_batch,
+        seed=config.seed,
+        start_step=step,
+        overrides=progressive.data_overrides(stage.stage) if stage else None,
     )
     # The same stream on any process or device count; another seed, dataset or batch is refused.
     if data_state is not None and iterator.stream.check_resume(data_state) != step:
         raise ValueError(f'the checkpoint at step {step} holds the data state of another step')
-    batches = data.DevicePrefetcher(iterator, mesh, depth=config.prefetch_batches)
+
+    def enter_stage(stage: progressive.StageSteps | None) -> tuple[Any, Any]:
+        """The batches and the train step from ``step`` on, to the end of ``stage``."""
+        if stage is None:
+            return data.DevicePrefetcher(iterator, mesh, depth=config.prefetch_batches), train_step
+        logging.info('%s', progressive.describe(stage, len(stages), config.data))
+        prefetcher = data.DevicePrefetcher(
+            iterator, mesh, depth=config.prefetch_batches, stop=stage.end
+        )
+        return prefetcher, run.stage_train_step(stage.stage.dropout)
+
+    batches, stage_step = enter_stage(stage)
 
     pending: list[tuple[int, dict]] = []  # per-step device metrics since the last flush
     last_eval: dict[str, float] = {}
@@ -240,7 +231,7 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
         ckpt.save(step, state, iterator.stream.at(step))
 
     try:
-        with _Preemption() as preemption:
+        with distributed.Preemption() as preemption:
             logging.info(
                 'training from step %d to %d (%d images per step, %d devices, %d processes)',
                 step,
@@ -263,10 +254,18 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                     elif tracing and step >= config.profile.start_step + config.profile.num_steps:
                         jax.profiler.stop_trace()
                         tracing = False
-                state, metrics = train_step(state, batches.next())
+                new_stage = stage is not None and step >= stage.end
+                if new_stage:
+                    stage = progressive.stage_at(stages, step)
+                    iterator.restart(step, progressive.data_overrides(stage.stage))
+                    batches, stage_step = enter_stage(stage)
+                state, metrics = stage_step(state, batches.next())
                 step += 1
                 ckpt.check()  # a save that failed in the background stops the run here
                 pending.append((step, metrics))
+                if new_stage:  # its compilation stays out of the step time and the ETA
+                    jax.block_until_ready(metrics)
+                    t_log, steps_at_log = time.time(), step
                 if first_step_time is None:
                     jax.block_until_ready(metrics)
                     first_step_time = time.time() - started
@@ -293,6 +292,8 @@ def train_and_evaluate(config: Any, workdir: str, started: float | None = None) 
                             'train/epoch': epoch,
                         }
                     )
+                    if stage is not None:
+                        scalars['train/resolution'] = stage.stage.resolution
                     scalars = {k if '/' in k else f'train/{k}': v for k, v in scalars.items()}
                     writer.write_scalars(step, scalars)
                     logging.info(

@@ -181,9 +181,9 @@ def get_progressive_config() -> ml_collections.ConfigDict:
     RandAugment magnitude, MixUp and CutMix alpha and dropout rate, interpolated between the
     min_* and max_* values by ``rule`` (``training/progressive.py`` derives each stage's values;
     a None bound means the constant setting of config.data / config.model). ``stages = 1``
-    (the default) is no progression: one stage at the final values. Evaluation stays at
-    ``data.resolution``. The training loop does not read this block yet: until it does, a run
-    trains every step at data.resolution with the data/model settings.
+    (the default) is no progression: one stage at the final values (at ``max_resolution`` when
+    it is set, else at data.resolution). Evaluation stays at ``data.resolution``. train.py
+    compiles each stage's step once and resumes inside a stage exactly.
     """
     p = ml_collections.ConfigDict()
     p.stages = 1
@@ -271,9 +271,8 @@ def v2_variant_config(
     which gives half the batch each when both are on). Sizes, dropout and the eval
     preprocessing come from ``efficientnet.arch``.
 
-    Until the training loop reads ``config.progressive``, every step uses the final values:
-    RandAugment at the final magnitude, MixUp/CutMix at the final alpha, images at
-    ``data.resolution`` (the eval size, like the V1 configs).
+    ``config.data`` holds the final values (RandAugment magnitude, MixUp/CutMix alpha) and
+    the eval size; the stages train at the sizes and strengths ``config.progressive`` derives.
     """
     variant = arch.get_variant(name)
     config = variant_config(name, augment=augment)

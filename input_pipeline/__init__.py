@@ -32,12 +32,15 @@ def create_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> TrainIterator:
     """Infinite iterator of {'image': uint8 [B, S, S, 3], 'label'} with B = global / processes:
     process p's rows [p·B, (p + 1)·B) of global batches start_step, start_step + 1, ...
 
     'label' is int32 [B], or float32 [B, num_classes] mixed targets when MixUp/CutMix is on.
-    The batches depend on (data config, seed, global batch, step), not on the process count.
+    The batches depend on (data config, overrides, seed, global batch, step), not on the
+    process count. ``overrides``: a progressive-learning stage's image size, RandAugment
+    magnitude and MixUp/CutMix alpha (``TrainIterator.restart`` changes them at a step).
     """
     return TrainIterator(
         data_config,
@@ -46,6 +49,7 @@ def create_train_iterator(
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
+        overrides=overrides,
     )
 
 

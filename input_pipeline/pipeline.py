@@ -239,10 +239,24 @@ def _config_items(config: Any) -> Any:
     return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
 
 
+# What a stage of progressive learning may change in the train batches (training/progressive.py):
+# how the examples are processed, never which examples they are.
+STAGE_FIELDS = ('resolution', 'randaugment_magnitude', 'mixup_alpha', 'cutmix_alpha')
+
+
+def _stage_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(overrides or {}) - set(STAGE_FIELDS))
+    if unknown:
+        raise ValueError(f'a stage may override only {STAGE_FIELDS}, not {unknown}')
+    return dict(overrides or {})
+
+
 class TrainIterator(Iterator[dict]):
     """Infinite iterator of this process's numpy train batches. Its resume state is the step:
     `stream.at(step)` is what a checkpoint stores, `stream.check_resume(saved)` what a resumed
-    run checks before it builds the iterator at the saved step."""
+    run checks before it builds the iterator at the saved step. `overrides` (`STAGE_FIELDS`)
+    change how the examples are processed, for a stage of progressive learning (`restart`
+    switches them); the examples are always those of `config`'s source and split."""
 
     def __init__(
         self,
@@ -253,17 +267,29 @@ class TrainIterator(Iterator[dict]):
         process_index: int = 0,
         process_count: int = 1,
         start_step: int = 0,
+        overrides: dict[str, Any] | None = None,
     ):
         self._config = config
+        self._overrides = _stage_overrides(overrides)
         self._examples = train_examples(config)
         self.stream = StreamState(int(seed), self._examples.num_examples, int(global_batch_size))
         self._layout = dict(process_index=process_index, process_count=process_count)
         self._start(start_step)
 
+    def restart(self, step: int, overrides: dict[str, Any] | None = None) -> None:
+        """Continues from global batch ``step``, with new ``overrides`` if given: batch ``step``
+        is then the one an iterator built with them at ``step`` yields."""
+        if overrides is not None:
+            self._overrides = _stage_overrides(overrides)
+        self._start(step)
+
     def _start(self, step: int) -> None:
         self._step = int(step)
+        config = self._config
+        if self._overrides:  # the examples stay those of the config's source and split
+            config = {**_config_items(config), **self._overrides}
         ds = build_train_dataset(
-            self._config,
+            config,
             global_batch_size=self.stream.global_batch_size,
             seed=self.stream.seed,
             start_step=self._step,

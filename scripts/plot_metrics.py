@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import struct
 import sys
@@ -42,16 +43,21 @@ def _records(path: str) -> Iterator[bytes]:
             yield data
 
 
-def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(workdir: str, wall_time: bool = False) -> dict[str, list[tuple]]:
     """{tag: [(step, value), ...] sorted by step} from the event files directly in ``workdir``.
-    A resumed run writes a new file and may log a step again; the later file wins."""
+    A resumed run writes a new file and may log a step again; the later file wins. With
+    ``wall_time``, each point is (step, value, seconds since the run's first event): the first
+    event file is opened as train.py starts, before it compiles anything, and the time of a
+    resumed run includes the pause before it resumed."""
     from tensorboard.compat.proto import event_pb2
     from tensorboard.util import tensor_util
 
-    by_tag: dict[str, dict[int, float]] = {}
+    by_tag: dict[str, dict[int, tuple[float, float]]] = {}
+    start = math.inf
     for path in sorted(str(p) for p in paths.as_path(workdir).glob(EVENT_GLOB)):
         for record in _records(path):
             event = event_pb2.Event.FromString(record)
+            start = min(start, event.wall_time)
             if not event.HasField('summary'):
                 continue
             for value in event.summary.value:
@@ -64,8 +70,11 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
                     x = float(array.reshape(()))
                 else:
                     continue
-                by_tag.setdefault(value.tag, {})[int(event.step)] = x
-    return {tag: sorted(points.items()) for tag, points in by_tag.items()}
+                by_tag.setdefault(value.tag, {})[int(event.step)] = (x, event.wall_time)
+    return {
+        tag: [(step, x, t - start) if wall_time else (step, x) for step, (x, t) in points]
+        for tag, points in ((tag, sorted(p.items())) for tag, p in by_tag.items())
+    }
 
 
 def run_labels(workdirs: Sequence[str]) -> list[str]:

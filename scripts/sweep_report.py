@@ -1,6 +1,7 @@
 """Summarises a sweep: one row per run with its swept values and its final and best metrics.
 
     python scripts/sweep_report.py ROOT [--metric eval/ema_top1] [--output PREFIX]
+        [--target 0.9] [--at-minutes 5]
 
 Reads every run directory under ROOT (one holding ``config.json``, as train.py writes, or a
 ``sweep_run.json`` from scripts/sweep.py), its TensorBoard event files and, when present, the
@@ -10,7 +11,10 @@ PREFIX defaults to ROOT/sweep_report. ROOT and PREFIX may be local or gs://.
 
 The swept keys are the overrides sweep.py recorded plus any config field whose value differs
 between runs, so runs launched from ``--print-commands`` on a cluster are reported the same way.
-The metric tags are those train.py writes: eval/ema_top1, eval/raw_top1, eval/ema_loss, ...
+Each row also has the wall-clock minutes from the run's start to its last value of the metric;
+``--target`` adds the minutes to the first value that reaches it, ``--at-minutes`` the value
+logged by then (time to accuracy, accuracy at equal time). The metric tags are those train.py
+writes: eval/ema_top1, eval/raw_top1, eval/ema_loss, ...
 (``--metric eval/top1`` means eval/ema_top1, the EMA weights train.py reports first).
 """
 
@@ -86,7 +90,7 @@ def load_runs(root: str) -> list[dict[str, Any]]:
                 'total': (resolved or {}).get('derived', {}).get('total_micro_steps'),
                 'swept': {k: _parse(v) for k, v in (started or {}).get('swept', {}).items()},
                 'done': paths.as_path(workdir, DONE_FILE).exists(),
-                'scalars': read_scalars(workdir),
+                'scalars': read_scalars(workdir, wall_time=True),
             }
         )
     if not runs:
@@ -111,8 +115,29 @@ def _value(run: dict, key: str) -> Any:
     return run['config'][key] if key in run['config'] else run['swept'].get(key)
 
 
-def summarise(runs: Sequence[dict], metric: str, mode: str) -> tuple[list[str], list[dict]]:
-    """(columns, rows), rows sorted best first; runs without the metric come last."""
+def _reached(points: Sequence[tuple], target: float, mode: str) -> float | None:
+    """Minutes at which the metric first reached ``target`` (None: never)."""
+    hit = [p for p in points if (p[1] <= target if mode == 'min' else p[1] >= target)]
+    return hit[0][2] / 60 if hit else None
+
+
+def _at(points: Sequence[tuple], minutes: float) -> float | None:
+    """The metric's last value logged within ``minutes`` of the run's start (None: none)."""
+    within = [p for p in points if p[2] <= 60 * minutes]
+    return within[-1][1] if within else None
+
+
+def summarise(
+    runs: Sequence[dict],
+    metric: str,
+    mode: str,
+    target: float | None = None,
+    at_minutes: float | None = None,
+) -> tuple[list[str], list[dict]]:
+    """(columns, rows), rows sorted best first; runs without the metric come last. Times are
+    wall-clock minutes from the run's first event (``plot_metrics.read_scalars``): to the
+    metric's last value, to the first value that reaches ``target``, and the value at
+    ``at_minutes``."""
     keys = swept_keys(runs)
     other = {'eval/ema_top1': 'eval/raw_top1', 'eval/raw_top1': 'eval/ema_top1'}.get(
         metric, 'eval/ema_top1'
@@ -127,6 +152,9 @@ def summarise(runs: Sequence[dict], metric: str, mode: str) -> tuple[list[str], 
         'best step',
         f'final {other}',
         'final train/loss',
+        'minutes',
+        *([f'minutes to {metric} {target:g}'] if target is not None else []),
+        *([f'{metric} at {at_minutes:g} min'] if at_minutes is not None else []),
     ]
     rows = []
     for run in runs:
@@ -151,7 +179,12 @@ def summarise(runs: Sequence[dict], metric: str, mode: str) -> tuple[list[str], 
             'best step': best[0] if best else None,
             f'final {other}': s[other][-1][1] if s.get(other) else None,
             'final train/loss': s['train/loss'][-1][1] if s.get('train/loss') else None,
+            'minutes': points[-1][2] / 60 if points else None,
         }
+        if target is not None:
+            row[f'minutes to {metric} {target:g}'] = _reached(points, target, mode)
+        if at_minutes is not None:
+            row[f'{metric} at {at_minutes:g} min'] = _at(points, at_minutes)
         rows.append(row)
     sign = 1 if mode == 'min' else -1
     rows.sort(key=lambda r: (r[f'best {metric}'] is None, sign * (r[f'best {metric}'] or 0)))
@@ -250,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         help='whether higher is better (auto: min for losses, else max)',
     )
     parser.add_argument('--output', help='path prefix of the outputs (default ROOT/sweep_report)')
+    parser.add_argument(
+        '--target', type=float, help='add the minutes each run took to reach this metric value'
+    )
+    parser.add_argument(
+        '--at-minutes',
+        type=float,
+        help="add each run's metric as logged within this many minutes of its start",
+    )
     ns = parser.parse_args(argv)
     metric = ALIASES.get(ns.metric, ns.metric)
     mode = ns.mode if ns.mode != 'auto' else ('min' if 'loss' in metric else 'max')
@@ -262,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     prefix = ns.output or os.path.join(ns.root, 'sweep_report')
-    columns, rows = summarise(runs, metric, mode)
+    columns, rows = summarise(runs, metric, mode, ns.target, ns.at_minutes)
     keys = columns[1 : columns.index('status')]
     write_csv(prefix + '.csv', columns, rows)
     table = markdown_table(columns, rows, keys)

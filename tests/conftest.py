@@ -116,6 +116,7 @@ _LONGEST_FIRST = (
     'test_sweep.py',
     'test_finetune.py',
     'test_model.py',
+    'test_progressive.py',
     'trained workdir',
     'test_faults_workers.py',
     'test_train_step.py',

@@ -142,6 +142,30 @@ def test_report_table_and_plot(sweep, env, tmp_path):
     assert table.split('\n\n', 2)[-1] in p.stdout  # the table is printed too
     assert_png(prefix + '.png')
 
+    # Wall time, against TensorBoard's own reader: from the run's first event (the event file
+    # opened as train.py starts) to its last eval; time to a target and the value at a time.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    for r in rows:
+        acc = event_accumulator.EventAccumulator(os.path.join(root, r['run']))
+        acc.Reload()
+        last = acc.Tensors('eval/ema_top1')[-1]
+        expected = (last.wall_time - acc.FirstEventTimestamp()) / 60
+        assert float(r['minutes']) == pytest.approx(expected, abs=1e-6)
+    top = max(best)
+    p = script(env, 'sweep_report.py', root, '--output', prefix, '--target', str(top),
+               '--at-minutes', '0')  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(prefix + '.csv') as f:
+        rows = list(csv.DictReader(f))
+    reach = f'minutes to eval/ema_top1 {top:g}'
+    for r in rows:
+        if float(r['best eval/ema_top1']) >= top:
+            assert 0 < float(r[reach]) <= float(r['minutes'])
+        else:
+            assert r[reach] == ''
+        assert r['eval/ema_top1 at 0 min'] == ''  # nothing is evaluated at the start
+
     # By default the report lands in the root, and a second report reads past those files.
     for _ in range(2):
         p = script(env, 'sweep_report.py', root)

@@ -4,8 +4,9 @@ config with three mistakes reports three lines at once. Types and ranges of ever
 field, the choices of every named option, batch divisibility over devices, processes,
 gradient accumulation, BatchNorm and MixUp groups, the paths a run will use (a ``gs://``
 workdir, ``init_from`` or data directory without credentials or without its bucket), the
-dataset's availability, the techniques' own sections, and whether ``init_from`` exists and
-fits the model (shapes read from its metadata; no array is restored)."""
+dataset's availability, progressive learning's stages, the techniques' own sections, and
+whether ``init_from`` exists and fits the model (shapes read from its metadata; no array is
+restored)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from efficientnet import arch, dropblock, paths
 from efficientnet.cli import UserError
 from efficientnet.layers import DEPTHWISE_IMPLS
 from efficientnet.normalization import NORMALIZATIONS
-from training import distill, loss_scale, pruning
+from training import distill, loss_scale, progressive, pruning
 from training.config_model import COMPUTE_DTYPES, bn_group_size, build_model, positive_int
 
 
@@ -342,9 +343,7 @@ def problems(
             group, local = c.data.get('mix_group_size', 2), micro // process_count
             _check(
                 errors,
-                not (c.data.mixup_alpha or c.data.cutmix_alpha)
-                or not positive_int(group)
-                or local % group == 0,
+                not progressive.mixes(c) or not positive_int(group) or local % group == 0,
                 f'config.data.mix_group_size={group} does not divide the batch per process '
                 f'({local}); MixUp/CutMix pair rows within such groups: set it to a divisor',
             )
@@ -409,6 +408,10 @@ def problems(
                 f'dataset {c.data.name!r} has {info["num_train"]} training examples, '
                 f'fewer than one batch of {c.batch_size}'
             )
+    steps_per_epoch = (
+        max(1, info['num_train'] // c.batch_size) if info and positive_int(c.batch_size) else None
+    )
+    errors += progressive.config_problems(c, steps_per_epoch)
     model_ok = not _mentions(errors, 'config.model.', 'config.data.resolution')
     num_classes = (info['num_classes'] if info else c.data.num_classes) or 1
     _check_init_from(errors, c, workdir, num_classes if model_ok else None)

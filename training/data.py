@@ -16,7 +16,12 @@ from training import sharding
 
 
 def create_train_iterator(
-    data_config: Any, *, global_batch_size: int, seed: int, start_step: int = 0
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> input_pipeline.TrainIterator:
     """This process's train batches (``input_pipeline.create_train_iterator``)."""
     return input_pipeline.create_train_iterator(
@@ -26,6 +31,7 @@ def create_train_iterator(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_step=start_step,
+        overrides=overrides,
     )
 
 
@@ -40,15 +46,19 @@ def create_eval_iterator(data_config: Any, *, global_batch_size: int) -> Iterato
 
 
 class DevicePrefetcher:
-    """Turns host batches into global jax.Arrays ``depth`` steps ahead of the consumer."""
+    """Turns host batches into global jax.Arrays ``depth`` steps ahead of the consumer, never
+    reading past batch ``stop`` (the end of a progressive-learning stage; None: no end)."""
 
-    def __init__(self, iterator: Any, mesh: Mesh, *, depth: int = 2):
+    def __init__(self, iterator: Any, mesh: Mesh, *, depth: int = 2, stop: int | None = None):
         self.iterator = iterator
         self.mesh = mesh
         self.depth = max(0, depth)
+        self.stop = stop
         self.queue: collections.deque = collections.deque()
 
     def next(self) -> dict[str, jax.Array]:
-        while len(self.queue) < self.depth + 1:
+        while len(self.queue) < self.depth + 1 and (
+            self.stop is None or self.iterator.step < self.stop
+        ):
             self.queue.append(sharding.global_batch(next(self.iterator), self.mesh))
         return self.queue.popleft()

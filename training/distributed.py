@@ -1,4 +1,5 @@
-"""Joining the other processes of a multi-process run, and leaving promptly when one dies.
+"""Joining the other processes of a multi-process run, leaving promptly when one dies, and
+stopping every process at the same step when the run is preempted (``Preemption``).
 
 The processes run one program: every step's collectives and every checkpoint need all of them.
 When one dies (``kill -9``, out of memory, a lost host) the others cannot go on. jax's
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -94,3 +96,38 @@ def wait_for_lost_peer(error: BaseException) -> None:
     deadline = time.monotonic() + 2 * timeout + 5
     while time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+class Preemption:
+    """SIGTERM -> save at the next step boundary, then return. Multi-process runs use jax's
+    preemption sync point instead, so that every process stops at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils
+
+                return multihost_utils.reached_preemption_sync_point(step)
+            except Exception:  # noqa: BLE001 - no preemption service in this cluster
+                return False
+        return self.requested
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

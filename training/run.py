@@ -49,6 +49,22 @@ class Run:
     # Distillation (training/distill.py): the frozen teacher and its variables on the mesh.
     teacher: Any = None
     teacher_variables: Any = None
+    # The train step of another model of the same parameters (progressive learning's dropout).
+    step_for_model: Callable[[EfficientNet], Callable] | None = None
+    _stage_steps: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def stage_train_step(self, dropout_rate: float) -> Callable[[TrainState, dict], Any]:
+        """The train step of a progressive-learning stage (training/progressive.py): the run's
+        own when the stage keeps the model's dropout rate, else one built once for a model that
+        differs only in it. Each distinct image size compiles once, on its first call."""
+        if dropout_rate == self.model.dropout_rate or (
+            self.model.dropout_rate is None and dropout_rate == self.model.variant.dropout
+        ):
+            return self.train_step
+        if dropout_rate not in self._stage_steps:
+            model = self.model.clone(dropout_rate=dropout_rate)
+            self._stage_steps[dropout_rate] = self.step_for_model(model)
+        return self._stage_steps[dropout_rate]
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """The step-0 state, created directly in its shardings from ``seed`` (default:
@@ -110,10 +126,10 @@ def create_run(
     if loaded is not None:  # placed once, by the rules that place the student's parameters
         teacher, host_variables = loaded
         teacher_variables = sharding.place(host_variables, mesh, config.mesh.fsdp_min_size)
-    train_step = make_train_step(
-        model,
-        tx,
-        schedule,
+    step_for_model = functools.partial(
+        make_train_step,
+        tx=tx,
+        schedule=schedule,
         mesh=mesh,
         state_shardings=shardings,
         seed=config.seed,
@@ -130,6 +146,7 @@ def create_run(
         dropblock_keep_prob=config.dropblock.keep_prob if 'dropblock' in config else 1.0,
         total_steps=plan.total_steps,
     )
+    train_step = step_for_model(model)
     eval_step = make_eval_step(
         model,
         mesh=mesh,
@@ -152,4 +169,5 @@ def create_run(
         eval_step=eval_step,
         teacher=teacher,
         teacher_variables=teacher_variables,
+        step_for_model=step_for_model,
     )
