@@ -133,11 +133,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.distill.teacher_input = 'student'
     # DropBlock (efficientnet/dropblock.py) on the block outputs of these stages (0-based,
     # negative from the end); keep_prob falls linearly from 1 at step 0 to this value at the
-    # last step. keep_prob 1.0: off.
+    # last step. keep_prob 1.0: off. scale_by_stage: the official ResNet rule, keep_prob on
+    # the network's last stage and a quarter of the drop rate per stage before it; False: the
+    # same keep_prob on every chosen stage.
     config.dropblock = ml_collections.ConfigDict()
     config.dropblock.keep_prob = 1.0
     config.dropblock.block_size = 7
     config.dropblock.stages = (-2, -1)
+    config.dropblock.scale_by_stage = True
     # Magnitude pruning with tfmot's PolynomialDecay schedule (training/pruning.py); steps
     # count optimizer updates.
     config.pruning = ml_collections.ConfigDict()

@@ -44,6 +44,7 @@ _OVERRIDES = (
     'scan_blocks',
     'dropblock_stages',
     'dropblock_size',
+    'dropblock_scale_by_stage',
 )
 _SCALING = ('width', 'depth', 'resolution')
 
@@ -93,7 +94,8 @@ def create_model(
     remat (recompute each block's activations in the backward pass instead of keeping them;
     the same gradients), scan_blocks (compile each stage's repeated blocks once: compile time
     that does not grow with depth; the same variables and outputs), dropblock_stages and
-    dropblock_size (DropBlock on those stages' block outputs, efficientnet/dropblock.py); and
+    dropblock_size, dropblock_scale_by_stage (DropBlock on those stages' block outputs,
+    efficientnet/dropblock.py); and
     the scaling coefficients width, depth and resolution (``scaled_variant``). This is the one
     place a model is built from a name: training, the scripts and the tests all come through
     here.

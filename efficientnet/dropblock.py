@@ -13,11 +13,14 @@ example on its own) instead of independent activations, and rescales the rest:
 
 At evaluation (or with ``keep_prob`` None or 1) it is the identity. The official schedule lowers
 ``keep_prob`` linearly from 1 at step 0 to its final value at the last step
-(``scheduled_keep_prob``). EfficientNet's official code has no DropBlock; this project puts it
-on the outputs of the blocks of chosen stages (by default the last two), see ``EfficientNet``.
+(``scheduled_keep_prob``), and scales the drop rate down by 4 per group before the last
+(``stage_keep_prob``). EfficientNet's official code has no DropBlock; this project puts it on
+the outputs of the blocks of chosen stages (by default the last two), see ``EfficientNet``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,13 @@ def scheduled_keep_prob(step: jax.Array, total_steps: int, final_keep_prob: floa
     """Linear from 1.0 at step 0 to ``final_keep_prob`` at ``total_steps`` (then constant)."""
     frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
     return 1.0 - (1.0 - final_keep_prob) * frac
+
+
+def stage_keep_prob(keep_prob: Any, stage: int, num_stages: int) -> Any:
+    """The keep probability of ``stage`` (0-based) of ``num_stages``: the official ResNet code's
+    per-group rule ``1 - (1 - keep_prob) / 4 ** (last - group)``, counted from the network's
+    last stage, which gets the full drop rate; the stage before it a quarter, and so on."""
+    return 1.0 - (1.0 - keep_prob) / 4.0 ** (num_stages - 1 - stage)
 
 
 def resolve_stages(stages: tuple[int, ...] | list[int], num_stages: int) -> frozenset[int]:

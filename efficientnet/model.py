@@ -230,9 +230,13 @@ class EfficientNet(nn.Module):
     remat: bool = False  # recompute each block's activations in the backward pass
     scan_blocks: bool = False  # compile each stage's repeated blocks once (jax.lax.scan)
     # DropBlock (efficientnet/dropblock.py) on every block output of these stages (0-based,
-    # negative from the end), in training calls that pass ``dropblock_keep_prob``.
+    # negative from the end), in training calls that pass ``dropblock_keep_prob``: the last
+    # stage at that keep probability, each stage before it with a quarter of the drop rate
+    # of the next (``dropblock.stage_keep_prob``, the official ResNet rule), unless
+    # ``dropblock_scale_by_stage`` is False.
     dropblock_stages: tuple[int, ...] = ()
     dropblock_size: int = 7
+    dropblock_scale_by_stage: bool = True  # False: the same keep probability on every stage
     dtype: Any = jnp.float32
 
     @property
@@ -309,9 +313,10 @@ class EfficientNet(nn.Module):
                     x = block(spec, *options, name=f'blocks_{spec.index}')(x, train)
                     if spec.stage in dropblock_stages:
                         rng = self.make_rng('dropout')
-                        x = dropblock_lib.dropblock(
-                            x, dropblock_keep_prob, self.dropblock_size, rng
-                        )
+                        keep = dropblock_keep_prob
+                        if self.dropblock_scale_by_stage:
+                            keep = dropblock_lib.stage_keep_prob(keep, spec.stage, num_stages)
+                        x = dropblock_lib.dropblock(x, keep, self.dropblock_size, rng)
             if run[-1].index in names:
                 endpoints[names[run[-1].index]] = x
         if self.features_only:

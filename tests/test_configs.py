@@ -36,6 +36,7 @@ CONFIG_FILES = _py_files(CONFIGS)
 # The config each sweep is written for (the one its docstring runs it with).
 SWEEP_CONFIGS = {
     'finetune_lr.py': 'finetune.py',
+    'progressive.py': 'v2_fashion.py',
     'smoke_grid.py': 'smoke.py',
     'smoke_random.py': 'smoke.py',
 }

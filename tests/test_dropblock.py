@@ -116,3 +116,35 @@ def test_model_applies_it_in_training_on_chosen_stages_only():
         efficientnet.create_model('efficientnet-tiny', dropblock_stages=(9,)).apply(
             variables, x, train=True, rngs=rngs, mutable=['batch_stats'], dropblock_keep_prob=0.9
         )
+
+
+def test_each_stage_gets_the_official_per_group_keep_prob(monkeypatch):
+    """tensorflow/tpu resnet_model.py: group g of 4 keeps ``1 - (1 - keep) / 4 ** (4 - g)``, so
+    the last group drops at the full rate and each one before it at a quarter of the next's.
+    Here the stages play the groups: the keep probability each DropBlock call receives, for
+    stages 4, 5 and 6 of 7 at keep 0.9."""
+    official = {4: 1 - 0.1 / 16, 5: 1 - 0.1 / 4, 6: 0.9}
+    model = efficientnet.create_model(
+        'efficientnet-tiny', num_classes=10, dropblock_stages=(4, 5, 6), dropblock_size=3,
+        dropout_rate=0.0, drop_path_rate=0.0,
+    )  # fmt: skip
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+    seen = []
+    real = dropblock.dropblock
+    monkeypatch.setattr(
+        dropblock, 'dropblock', lambda x, keep, *a: seen.append(float(keep)) or real(x, keep, *a)
+    )
+    model.apply(
+        variables, x, train=True, rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'],
+        dropblock_keep_prob=0.9,
+    )  # fmt: skip
+    blocks = [b.stage for b in model.blocks if b.stage in official]
+    assert seen == pytest.approx([official[s] for s in blocks], rel=1e-7)
+    assert len(set(blocks)) == 3
+    seen.clear()  # scale_by_stage False: the same keep probability everywhere
+    model.clone(dropblock_scale_by_stage=False).apply(
+        variables, x, train=True, rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'],
+        dropblock_keep_prob=0.9,
+    )  # fmt: skip
+    assert seen == pytest.approx([0.9] * len(blocks), rel=1e-7)

@@ -74,4 +74,8 @@ def dropblock_overrides(config: Any) -> dict[str, Any]:
     d = config.get('dropblock')
     if d is None or d.keep_prob >= 1.0:
         return {}
-    return {'dropblock_stages': tuple(d.stages), 'dropblock_size': int(d.block_size)}
+    return {
+        'dropblock_stages': tuple(d.stages),
+        'dropblock_size': int(d.block_size),
+        'dropblock_scale_by_stage': bool(d.get('scale_by_stage', True)),
+    }
