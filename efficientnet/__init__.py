@@ -87,18 +87,18 @@ def create_model(
     '-m', '-l', '-xl', or short forms 'b0', 'lite0', 'v2-s').
 
     ``num_classes=0`` returns pooled features instead of logits. ``dtype`` is the computation
-    dtype (bfloat16 on accelerators); parameters stay float32. ``overrides``: dropout_rate,
-    drop_path_rate, padding ('same' for TF weights, 'symmetric' for PyTorch-trained ones),
-    depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'), bn_group_size, activation,
-    bn_momentum (the BatchNorm moving-average momentum; default the variant's), features_only,
-    remat (recompute each block's activations in the backward pass instead of keeping them;
-    the same gradients), scan_blocks (compile each stage's repeated blocks once: compile time
-    that does not grow with depth; the same variables and outputs), dropblock_stages and
-    dropblock_size, dropblock_scale_by_stage (DropBlock on those stages' block outputs,
-    efficientnet/dropblock.py); and
-    the scaling coefficients width, depth and resolution (``scaled_variant``). This is the one
-    place a model is built from a name: training, the scripts and the tests all come through
-    here.
+    dtype (bfloat16 on accelerators; float64, under jax_enable_x64 with float64 variables,
+    computes everything in float64: scripts/v2_parity.py); parameters are created float32.
+    ``overrides``: dropout_rate, drop_path_rate, padding ('same' for TF weights, 'symmetric' for
+    PyTorch-trained ones), depthwise_impl ('auto', 'xla', 'unrolled', 'cpu_kernel'),
+    bn_group_size, activation, bn_momentum (the BatchNorm moving-average momentum; default the
+    variant's), features_only, remat (recompute each block's activations in the backward pass
+    instead of keeping them; the same gradients), scan_blocks (compile each stage's repeated
+    blocks once: compile time that does not grow with depth; the same variables and outputs),
+    dropblock_stages, dropblock_size and dropblock_scale_by_stage (DropBlock on those stages'
+    block outputs, efficientnet/dropblock.py); and the scaling coefficients width, depth and
+    resolution (``scaled_variant``). This is the one place a model is built from a name:
+    training, the scripts and the tests all come through here.
     """
     unknown = sorted(set(overrides) - set(_OVERRIDES) - set(_SCALING))
     if unknown:

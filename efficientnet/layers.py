@@ -348,12 +348,13 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 class BatchNorm(nn.Module):
     """BatchNorm with the official momentum 0.99 and epsilon 1e-3 (docs/reference.md §3).
 
-    Statistics are reduced in float32. With ``group_size`` set, the batch is split into
-    consecutive groups of that many examples and each group is normalised by its own
-    statistics, like the TPU cross-replica groups of the official recipe; the moving averages
-    take the mean over groups. Under jit with a sharded batch the reductions cover the global
-    batch (or each group), so results do not depend on how many devices hold it.
-    Variables are named like flax's ``nn.BatchNorm`` (scale, bias, mean, var).
+    Statistics are reduced in float32 (in float64 when ``dtype`` is float64). With
+    ``group_size`` set, the batch is split into consecutive groups of that many examples and
+    each group is normalised by its own statistics, like the TPU cross-replica groups of the
+    official recipe; the moving averages take the mean over groups. Under jit with a sharded
+    batch the reductions cover the global batch (or each group), so results do not depend on how
+    many devices hold it. Variables are named like flax's ``nn.BatchNorm`` (scale, bias, mean,
+    var).
     """
 
     use_running_average: bool = True
@@ -369,15 +370,16 @@ class BatchNorm(nn.Module):
         bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+        f = jnp.promote_types(self.dtype, jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+            y = (x.astype(f) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
             return y.astype(self.dtype)
         n = x.shape[0]
         g = self.group_size or n
         if n % g:
             raise ValueError(f'batch of {n} does not split into BatchNorm groups of {g}')
-        xf = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
+        xf = x.astype(f).reshape((n // g, g) + x.shape[1:])
         y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon)
         if not self.is_initializing():
             m = self.momentum

@@ -34,7 +34,8 @@ def drop_path(x: Array, survival: float | Array, rng: Array) -> Array:
 class SqueezeExcite(nn.Module):
     """Spatial mean -> 1x1 conv (bias) -> activation -> 1x1 conv (bias) -> sigmoid -> scale.
 
-    Computed in float32 whatever the activation dtype: it is cheap and gates every channel.
+    Computed in float32 whatever the activation dtype (float64 in float64): it is cheap and
+    gates every channel.
     """
 
     reduced: int
@@ -42,10 +43,11 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-        s = Conv2D(self.reduced, use_bias=True, name='reduce')(s)
+        f = jnp.promote_types(x.dtype, jnp.float32)
+        s = jnp.mean(x.astype(f), axis=(1, 2), keepdims=True)
+        s = Conv2D(self.reduced, use_bias=True, dtype=f, name='reduce')(s)
         s = activation_fn(self.activation)(s)
-        s = Conv2D(x.shape[-1], use_bias=True, name='expand')(s)
+        s = Conv2D(x.shape[-1], use_bias=True, dtype=f, name='expand')(s)
         return x * jax.nn.sigmoid(s).astype(x.dtype)
 
 
@@ -324,7 +326,7 @@ class EfficientNet(nn.Module):
 
         x = Conv2D(arch.head_channels(self.variant), dtype=self.dtype, name='head_conv')(x)
         x = act(BatchNorm(**bn, name='head_bn')(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         out_name = 'features'
         if self.num_classes > 0:
             rate = self.variant.dropout if self.dropout_rate is None else self.dropout_rate

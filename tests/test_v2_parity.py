@@ -10,6 +10,13 @@ pixel on the bottom/right at every stride). In the deeper V2-S freely random sta
 activations up by orders of magnitude, and float32 rounding with them (the two oracles then
 differ from each other by ~1e-3); its statistics are instead measured by the oracle on the test
 batch and then perturbed by a few percent ("mild"), so every tensor still matters.
+
+Every variant, B0-B3, S, M, L and XL, also runs in float64 (``scripts/v2_parity.py``, which
+prints the whole table) with freely random statistics: ours, Keras and timm agree to ~1e-15
+for B0-B3, ~1e-10 for S, and 1e-7..1e-5 for M (there the activations reach ~1e6 and even
+float64 is ill-conditioned; see the script's docstring). The tests here run B0-B3, S and M
+against both oracles and the oracles against each other; L and XL (119M and 208M parameters)
+only in the script.
 """
 
 import functools
@@ -27,6 +34,7 @@ from efficientnet.weights import (
     from_torch,
     keras_input_normalization,
 )
+from scripts import v2_parity
 from scripts.timm_import import import_timm
 from tests.test_weights_keras import randomise, relative_difference
 from tests.test_weights_tf import write_checkpoint
@@ -332,3 +340,22 @@ def test_s_logits_against_keras_and_timm():
     )
     print(f'timm efficientnetv2-s @ {res}px float32, mild BN: max relative difference {diff:.2e}')
     assert diff < TOLERANCE
+
+
+# -------------------------------------------- every variant in float64, free statistics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('suffix', ['b0', 'b1', 'b2', 'b3', 's', 'm'])
+def test_float64_logits_against_keras_and_timm(suffix):
+    """65 px (odd at every stride), batch 2, float64 throughout; L and XL: scripts/v2_parity.py.
+    On B0 two negative controls: one BatchNorm's gamma and beta swapped, and the input shifted
+    by one pixel, must both miss by far more than the tolerance."""
+    d = v2_parity.compare(suffix, controls=suffix == 'b0')
+    print(f'efficientnetv2-{suffix} @ 65px float64: {d}')
+    assert d.keys() >= {'timm', 'keras', 'keras_vs_timm'}
+    for key in ('timm', 'keras', 'keras_vs_timm'):
+        assert d[key] < TOLERANCE, key
+    if suffix == 'b0':
+        assert d['control_swapped_bn'] > 100 * TOLERANCE
+        assert d['control_shifted'] > 100 * TOLERANCE
