@@ -137,3 +137,52 @@ def test_bad_pruning_config_is_one_line_before_compiling():
         config_resolve.resolve(c, device_count=1, dataset_info_fn=info)
     assert 'config.pruning.final_sparsity must be in [0, 1)' in str(e.value)
     assert 'config.pruning.end_step must be an integer >= begin_step' in str(e.value)
+
+
+def test_exports_keep_the_pruned_zeros():
+    """A model pruned to 75% exported to ONNX and to float TFLite: BatchNorm folding scales
+    each kernel by a non-zero factor per output channel, so every exported weight tensor holds
+    as many exact zeros as the pruned kernels (read back from the files' own formats: ONNX
+    initializers, the TFLite flatbuffer's constant buffers), and the export still computes the
+    network's logits."""
+    import onnx
+    from flax import traverse_util
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    import efficientnet
+    from inference import export as ex
+    from tests.test_export import random_variables, reference_logits, relative_diff, task_images
+
+    model = efficientnet.create_model('efficientnet-tiny', num_classes=10)
+    variables = random_variables(model)
+    masks = pruning_lib.update_masks(
+        variables['params'], pruning_lib.init_masks(variables['params']), np.float32(0.75)
+    )
+    params = jax.device_get(pruning_lib.apply_masks(variables['params'], masks))
+    variables = {**variables, 'params': params}
+    kernels = [
+        w for k, w in traverse_util.flatten_dict(params).items() if pruning_lib.is_prunable(k, w)
+    ]
+    zeros = sum(int(np.sum(w == 0)) for w in kernels)
+    assert zeros == pytest.approx(0.75 * sum(w.size for w in kernels), rel=0.01)
+
+    images = task_images(8, seed=5)[0]
+    ref = reference_logits(model, variables, images, 'imagenet')
+    proto = ex.build_onnx(model, variables)
+    onnx_weights = [
+        onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) in (2, 4)
+    ]
+    data = ex.convert_tflite(model, variables)
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    tflite_weights = [  # the constant float32 tensors: those whose buffer holds data
+        np.frombuffer(bytes(flat.buffers[t.buffer].data), np.float32)
+        for t in flat.subgraphs[0].tensors
+        if flat.buffers[t.buffer].data is not None
+        and t.type == schema.TensorType.FLOAT32
+        and len(t.shape) in (2, 4)
+    ]
+    for fmt, weights in (('onnx', onnx_weights), ('tflite', tflite_weights)):
+        exported = sum(int(np.sum(w == 0)) for w in weights)
+        assert exported == zeros, f'{fmt}: {exported} zeros exported, {zeros} pruned'
+    assert relative_diff(ex.run_tflite(data, images)['logits'], ref) < 1e-4
