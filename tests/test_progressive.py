@@ -18,7 +18,7 @@ import pytest
 
 import input_pipeline
 from tests.test_configs import DEVICE_COUNT, dataset_info, load
-from tests.test_train_loop import ROOT, _assert_same_state, _cmd
+from tests.test_train_loop import ROOT, _assert_same_state, _cmd, _train
 from training import progressive
 from training.config_resolve import ConfigError, resolve
 
@@ -125,17 +125,9 @@ def test_a_stage_iterator_restarted_at_a_step_yields_that_stages_batches():
     assert iterator.step == 6
 
 
-def _run(env, workdir, *extra, timeout=420):
-    p = subprocess.run(
-        _cmd(workdir, *PROGRESSIVE, *extra),
-        env={**env, 'JAX_LOG_COMPILES': '1'},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-    assert p.returncode == 0, f'train.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}'
-    return p
+def _run(env, workdir):
+    """The progressive smoke run in ``workdir``, logging every compilation."""
+    return _train({**env, 'JAX_LOG_COMPILES': '1'}, workdir, *PROGRESSIVE)
 
 
 def _compiled_image_shapes(stderr: str, program: str) -> list[str]:
