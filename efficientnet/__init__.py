@@ -26,7 +26,7 @@ from efficientnet.arch import (
     round_filters,
     round_repeats,
 )
-from efficientnet.layers import DEPTHWISE_IMPLS, PADDINGS
+from efficientnet.layers import DEPTHWISE_IMPLS, PADDINGS, resolve_scan_blocks
 from efficientnet.model import EfficientNet
 
 __version__ = '0.1.0'
@@ -94,7 +94,8 @@ def create_model(
     bn_group_size, activation, bn_momentum (the BatchNorm moving-average momentum; default the
     variant's), features_only, remat (recompute each block's activations in the backward pass
     instead of keeping them; the same gradients), scan_blocks (compile each stage's repeated
-    blocks once: compile time that does not grow with depth; the same variables and outputs),
+    blocks once: compile time that does not grow with depth; the same variables and outputs;
+    None: on for GPU/TPU, off on CPU, where it runs slower),
     dropblock_stages, dropblock_size and dropblock_scale_by_stage (DropBlock on those stages'
     block outputs, efficientnet/dropblock.py); and the scaling coefficients width, depth and
     resolution (``scaled_variant``). This is the one place a model is built from a name:
@@ -119,9 +120,14 @@ def create_model(
     g = overrides.get('bn_group_size')
     if g is not None and (not isinstance(g, int) or g < 1):
         raise ValueError(f'bn_group_size must be a positive int or None, got {g!r}')
-    for key in ('remat', 'scan_blocks'):
-        if not isinstance(overrides.get(key, False), bool):
-            raise ValueError(f'{key} must be True or False, got {overrides[key]!r}')
+    if 'scan_blocks' in overrides:  # None: the backend's default (layers.resolve_scan_blocks)
+        if overrides['scan_blocks'] is not None and not isinstance(overrides['scan_blocks'], bool):
+            raise ValueError(
+                f'scan_blocks must be True, False or None, got {overrides["scan_blocks"]!r}'
+            )
+        overrides['scan_blocks'] = resolve_scan_blocks(overrides['scan_blocks'])
+    if not isinstance(overrides.get('remat', False), bool):
+        raise ValueError(f'remat must be True or False, got {overrides["remat"]!r}')
     if 'dropblock_stages' in overrides:
         overrides['dropblock_stages'] = tuple(int(s) for s in overrides['dropblock_stages'])
     return EfficientNet(variant, num_classes=num_classes, dtype=dtype, **overrides)

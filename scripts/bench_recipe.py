@@ -49,7 +49,7 @@ def recipe_run(
     dtype: str,
     *,
     remat: bool = False,
-    scan_blocks: bool = True,
+    scan_blocks: bool | None = None,
     devices: list | None = None,
 ) -> BenchRun:
     """The training step of the official recipe for ``name`` at ``batch`` and ``res`` px,

@@ -283,7 +283,7 @@ def test_scanned_blocks_keep_variables_outputs_and_gradients():
     Depth 1.0 gives the tiny width stages of 2 and 3 repeats, each scanned."""
     make = lambda **kw: efficientnet.create_model('tiny', num_classes=10, depth=1.0, **kw)
     plain, scanned, both = make(), make(scan_blocks=True), make(scan_blocks=True, remat=True)
-    with pytest.raises(ValueError, match='scan_blocks must be True or False'):
+    with pytest.raises(ValueError, match='scan_blocks must be True, False or None'):
         efficientnet.create_model('tiny', scan_blocks=1)
     runs = scan_runs(plain.blocks, arch.endpoint_blocks(plain.blocks))
     long_runs = [r for r in runs if len(r) > 1]

@@ -64,7 +64,7 @@ def build_model(config: Any, num_classes: int) -> efficientnet.EfficientNet:
         bn_group_size=bn_group_size(config),
         depthwise_impl=m.depthwise_impl,
         remat=m.get('remat', False),  # absent in the config.json of older runs
-        scan_blocks=m.get('scan_blocks', False),  # older runs resume unscanned, bit-identical
+        scan_blocks=m.get('scan_blocks'),  # None: on for GPU/TPU, off on CPU
         **dropblock_overrides(config),
     )
 
