@@ -66,8 +66,8 @@ def stage_values(config: Any) -> list[Stage]:
     if p.rule not in RULES:
         raise ValueError(f'config.progressive.rule must be one of {RULES}, got {p.rule!r}')
     resolution = int(config.data.resolution)
-    lo_res = int(p.min_resolution) if m > 1 else resolution
     hi_res = resolution if p.max_resolution is None else int(p.max_resolution)
+    lo_res = int(p.min_resolution) if m > 1 else hi_res  # one stage: at the final size
     if not 0 < lo_res <= hi_res:
         raise ValueError(
             f'config.progressive: min_resolution {lo_res} must be positive and at most '
