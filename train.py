@@ -367,6 +367,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     started = time.time()
+    cli.die_with_parent_if_asked()  # under scripts/sweep.py or scripts/noisy_student.py
     if len(argv) > 1:
         raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
     if FLAGS.config is None or FLAGS.workdir is None:

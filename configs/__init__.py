@@ -38,26 +38,30 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def override_problems(config_spec: str, overrides: list[str]) -> list[str]:
-    """Why ``--config=config_spec`` or each ``--config.key=value`` in ``overrides`` would fail,
-    parsed one at a time exactly as train.py parses them (``ml_collections.config_flags`` on
-    a locked config): a config file that does not load, an unknown key (with the closest
-    keys), a value that does not parse as the field's type. One line each, all of them (absl
-    stops at the first); [] when every one applies."""
+def parse_config(config_spec: str, overrides: list[str] = ()) -> Any:
+    """The locked config that ``--config=config_spec`` and the ``--config.key=value``
+    arguments in ``overrides`` give, parsed exactly as train.py parses them
+    (``ml_collections.config_flags``); raises what that parsing raises."""
     from absl import flags
     from ml_collections import config_flags
 
-    def parse(args: list[str]) -> Any:
-        argv = ['train.py', f'--config={config_spec}', *args]
-        values = flags.FlagValues()
-        config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
-        values(argv)
-        config = values.config
-        config.items()  # a file that failed to load raises only when the config is used
-        return config
+    argv = ['train.py', f'--config={config_spec}', *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+    values(argv)
+    config = values.config
+    config.items()  # a file that failed to load raises only when the config is used
+    return config
 
+
+def override_problems(config_spec: str, overrides: list[str]) -> list[str]:
+    """Why ``--config=config_spec`` or each ``--config.key=value`` in ``overrides`` would fail,
+    parsed one at a time exactly as train.py parses them (``parse_config``): a config file
+    that does not load, an unknown key (with the closest keys), a value that does not parse as
+    the field's type. One line each, all of them (absl stops at the first); [] when every one
+    applies."""
     try:
-        config = parse([])
+        config = parse_config(config_spec)
     except Exception as e:  # noqa: BLE001 - whatever loading the user's file raised
         return [f'--config={config_spec}: {_first_line(e)}']
     problems = []
@@ -67,7 +71,7 @@ def override_problems(config_spec: str, overrides: list[str]) -> list[str]:
         problem = key_problem(config, key)
         if problem is None:
             try:
-                parse([arg])
+                parse_config(config_spec, [arg])
             except Exception as e:  # noqa: BLE001 - flags.Error and what config_flags lets out
                 problem = _first_line(e)
         if problem is not None:

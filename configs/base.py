@@ -53,6 +53,12 @@ def get_data_config() -> ml_collections.ConfigDict:
     # yields 'teacher_image', an eval centre crop at this resolution (None: no such image).
     d.teacher_resolution = ml_collections.FieldReference(None, field_type=int)
     d.teacher_crop_fraction = ml_collections.FieldReference(None, field_type=float)
+    # Noisy Student's student (training/noisy_student.py writes these): a selection file of
+    # pseudo-labels over unlabeled_split (None: off), and unlabeled_ratio pseudo-labeled rows
+    # per labeled row in every batch (input_pipeline/pseudo_labels.py).
+    d.pseudo_labels = ml_collections.FieldReference(None, field_type=str)
+    d.unlabeled_split = ml_collections.FieldReference(None, field_type=str)
+    d.unlabeled_ratio = 1
     d.fake_num_train = 1024
     d.fake_num_eval = 256
     return d
@@ -153,6 +159,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.pruning.power = 3.0
     config.pruning.frequency = 100
 
+    # Noisy Student's driver (scripts/noisy_student.py; train.py reads only the
+    # config.data.pseudo_labels fields it sets for a student run).
+    config.noisy_student = get_noisy_student_config()
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = 1  # devices per parameter shard; 1: replicate parameters
     config.mesh.fsdp_min_size = 2**14  # smaller arrays stay replicated
@@ -176,6 +186,40 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile.num_steps = 5
     config.progressive = get_progressive_config()
     return config
+
+
+def get_noisy_student_config() -> ml_collections.ConfigDict:
+    """``config.noisy_student``: the iterations of Noisy Student (docs/techniques.md).
+
+    Iteration 0 trains the teacher with the config as it is, on ``labeled_split``. Each
+    iteration k >= 1 predicts ``unlabeled_split`` with the latest teacher (evaluation mode, its
+    own eval preprocessing), keeps the images the official filter keeps, and trains a student
+    on the labeled split plus those pseudo-labels, with the ``noise`` overrides and its entry
+    of ``students``; the student is the next iteration's teacher.
+    """
+    ns = ml_collections.ConfigDict()
+    ns.iterations = 1  # students trained after the first teacher
+    ns.labeled_split = 'train'
+    ns.unlabeled_split = ml_collections.FieldReference(None, field_type=str)
+    # Pseudo-labels: softmax(teacher logits / temperature) (soft; the official recipe, T = 1),
+    # or the teacher's class with label smoothing (hard_labels).
+    ns.temperature = 1.0
+    ns.hard_labels = False
+    # The official filter (training/noisy_student.py): confidence >= min_threshold, then
+    # images_per_class per class by down-sampling or duplicating (ImageNet: 0.3 and 130000);
+    # 0: every image above the threshold once.
+    ns.min_threshold = 0.3
+    ns.images_per_class = 0
+    ns.unlabeled_ratio = 3  # pseudo-labeled rows per labeled row in a batch (official: 1-3, 14, 28)
+    # train.py overrides ('key=value ...') for every student: its noise (RandAugment, dropout,
+    # stochastic depth); the teacher is never noised when it predicts.
+    ns.noise = ''
+    # Per iteration (or one entry for all): the student's own overrides, e.g. its size
+    # ('model.width=0.75 model.depth=0.75'); a student must be at least as wide and deep as its
+    # teacher.
+    ns.students = ()
+    ns.predict_batch_size = 256
+    return ns
 
 
 def get_progressive_config() -> ml_collections.ConfigDict:

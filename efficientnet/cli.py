@@ -43,6 +43,29 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Set by a parent that runs train.py as a child (scripts/sweep.py, scripts/noisy_student.py).
+DIE_WITH_PARENT_ENV = 'EFFICIENTNET_DIE_WITH_PARENT'
+
+
+def die_with_parent_if_asked() -> None:
+    """With ``$EFFICIENTNET_DIE_WITH_PARENT`` set, asks Linux to SIGKILL this process when its
+    parent dies, so that a killed sweep or driver leaves no run behind to clash with the
+    rerun's. (Set in the child itself: a ``preexec_fn`` would fork the multithreaded parent.)"""
+    import os
+    import signal
+
+    if not os.environ.get(DIE_WITH_PARENT_ENV):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
 def format_problems(header: str, problems: Sequence[str]) -> str:
     """One problem: ``header: problem`` on one line; several: the header, then one line each
     (``  - problem``), so that every problem is reported at once and each stays greppable."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from input_pipeline import sources
+from input_pipeline import pseudo_labels, sources
 from input_pipeline.order import StreamState
 from input_pipeline.pipeline import TrainIterator, build_eval_dataset
 from input_pipeline.sources.base import cfg_get
@@ -76,6 +76,8 @@ def dataset_info(data_config: Any) -> dict:
     num_classes = source.num_classes or cfg_get(data_config, 'num_classes', 1000)
     return {
         'num_classes': int(num_classes),
-        'num_train': source.num_examples(cfg_get(data_config, 'train_split', 'train')),
+        # Noisy Student: an epoch is a pass over the labeled and the pseudo-labeled examples.
+        'num_train': source.num_examples(cfg_get(data_config, 'train_split', 'train'))
+        + pseudo_labels.count(data_config),
         'num_eval': source.num_examples(cfg_get(data_config, 'eval_split', 'validation')),
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from input_pipeline import augment, mixup, order, preprocessing, sources
+from input_pipeline import augment, mixup, order, preprocessing, pseudo_labels, sources
 from input_pipeline.order import StreamState, local_batch_size
 from input_pipeline.sources.base import Examples, cfg_get, shard_bounds
 
@@ -106,6 +106,17 @@ def build_train_dataset(
     hide_accelerators_from_tensorflow()
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    if cfg_get(config, 'pseudo_labels'):  # Noisy Student: labeled and pseudo-labeled rows
+        return _with_pseudo_labels(
+            config,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            start_step=start_step,
+            resolution=resolution,
+            examples=examples,
+        )
     local_batch = local_batch_size(global_batch_size, process_count)
     examples = examples or train_examples(config)
     num_examples = examples.num_examples
@@ -147,7 +158,11 @@ def build_train_dataset(
         )
         if augment_fn is not None:
             image = augment_fn(image, aug_seed)
-        out = {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+        label = example['label']  # a pseudo-labeled example's may be the teacher's probabilities
+        out = {
+            'image': image,
+            'label': label if label.dtype.is_floating else tf.cast(label, tf.int32),
+        }
         if teacher_resolution:  # distillation's clean teacher view (training/distill.py)
             out['teacher_image'] = preprocessing.preprocess_eval(
                 example['image'],
@@ -178,6 +193,37 @@ def build_train_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _with_pseudo_labels(
+    config: Any, *, global_batch_size: int, seed: int, examples: Examples | None, **layout: Any
+) -> tf.data.Dataset:
+    """Each batch: this process's labeled rows, then its pseudo-labeled rows
+    (``pseudo_labels.py``), each stream in its own global order from ``start_step``."""
+    ratio = int(cfg_get(config, 'unlabeled_ratio', 1))
+    labeled_batch, pseudo_batch = pseudo_labels.batch_split(
+        global_batch_size, ratio, layout['process_count']
+    )
+    plain = {**_config_items(config), 'pseudo_labels': None}
+    num_classes = int(
+        cfg_get(config, 'num_classes') or sources.get_source(config).num_classes or 1000
+    )
+    labeled = build_train_dataset(
+        plain, global_batch_size=labeled_batch, seed=seed, examples=examples, **layout
+    )
+    pseudo = build_train_dataset(
+        plain,
+        global_batch_size=pseudo_batch,
+        seed=pseudo_labels.stream_seed(seed),
+        examples=pseudo_labels.examples(config, sources.get_source(config)),
+        **layout,
+    )
+    ds = tf.data.Dataset.zip(labeled, pseudo).map(
+        lambda a, b: pseudo_labels.combine(a, b, num_classes),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

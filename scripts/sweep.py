@@ -257,7 +257,11 @@ def run_trial(args: list[str], workdir: str, term: _ForwardTerm) -> tuple[bool, 
             )
             log.flush()
             term.child = subprocess.Popen(
-                [sys.executable, TRAIN_PY, *args], stdout=subprocess.PIPE, stderr=log, text=True
+                [sys.executable, TRAIN_PY, *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, cli.DIE_WITH_PARENT_ENV: '1'},
             )
             stdout, _ = term.child.communicate()
             returncode = term.child.returncode

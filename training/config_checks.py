@@ -18,7 +18,7 @@ from efficientnet import arch, dropblock, paths
 from efficientnet.cli import UserError
 from efficientnet.layers import DEPTHWISE_IMPLS
 from efficientnet.normalization import NORMALIZATIONS
-from training import distill, loss_scale, progressive, pruning
+from training import distill, loss_scale, noisy_student, progressive, pruning
 from training.config_model import COMPUTE_DTYPES, bn_group_size, build_model, positive_int
 
 
@@ -145,6 +145,7 @@ def _check_paths(errors: list[str], config: Any, workdir: str | None) -> None:
             ('config.data.folder', d.folder),
             ('config.data.fashion_mnist_dir', d.get('fashion_mnist_dir')),
             ('config.distill.teacher', config.get('distill', {}).get('teacher')),
+            ('config.data.pseudo_labels', d.get('pseudo_labels')),
         ]
     )
 
@@ -357,7 +358,7 @@ def problems(
 
     _check_paths(errors, c, workdir)
     # Techniques beyond the base recipe (off by default): each module checks its own section.
-    for module in (loss_scale, distill, pruning):
+    for module in (loss_scale, distill, pruning, noisy_student):
         errors += module.config_problems(c)
     db = c.get('dropblock')
     if db is not None:

@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
-def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+def smooth_targets(
+    labels: jax.Array, num_classes: int, label_smoothing: float | jax.Array = 0.0
+) -> jax.Array:
     """Targets ``(1 - eps) * onehot + eps / K`` (docs/reference.md §4); soft targets (MixUp,
-    [B, K] float) are smoothed the same way. Integer labels [B] are one-hot encoded."""
+    [B, K] float) are smoothed the same way. Integer labels [B] are one-hot encoded. ``eps``
+    may be per row ([B, 1]: Noisy Student's teacher probabilities are not smoothed)."""
     if jnp.issubdtype(labels.dtype, jnp.integer):
         targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     else:
@@ -17,12 +20,14 @@ def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float =
             raise ValueError(
                 f'soft targets have {targets.shape[-1]} classes, expected {num_classes}'
             )
-    if label_smoothing:
+    if not isinstance(label_smoothing, (int, float)) or label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
     return targets
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float | jax.Array = 0.0
+) -> jax.Array:
     """Per-example softmax cross-entropy in float32, whatever the logits' dtype (bf16 losses
     drift late in training)."""
     logits = logits.astype(jnp.float32)

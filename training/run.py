@@ -145,6 +145,7 @@ def create_run(
         teacher_variables=teacher_variables,
         dropblock_keep_prob=config.dropblock.keep_prob if 'dropblock' in config else 1.0,
         total_steps=plan.total_steps,
+        data_loss_weight=1.0 + config.data.unlabeled_ratio if config.data.pseudo_labels else 1.0,
     )
     train_step = step_for_model(model)
     eval_step = make_eval_step(

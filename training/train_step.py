@@ -48,6 +48,7 @@ def make_train_step(
     teacher_variables: Any = None,
     dropblock_keep_prob: float = 1.0,
     total_steps: int = 1,
+    data_loss_weight: float = 1.0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
@@ -62,7 +63,11 @@ def make_train_step(
     (training/pruning.py); ``teacher`` with its ``teacher_variables`` (on the device, in the
     shardings the caller chose) adds the distillation term (training/distill.py);
     ``dropblock_keep_prob < 1`` passes the model DropBlock's keep probability, falling linearly
-    from 1 to it over ``total_steps`` updates (efficientnet/dropblock.py).
+    from 1 to it over ``total_steps`` updates (efficientnet/dropblock.py). A batch with
+    ``smooth`` [B] (Noisy Student's pseudo-labeled batches, input_pipeline/pseudo_labels.py)
+    smooths only the rows flagged 1, and ``data_loss_weight`` (1 + the unlabeled ratio there)
+    multiplies the mean over the batch, which makes it the official labeled mean plus ratio
+    times the pseudo-labeled mean.
     """
     base_key = jax.random.key(seed)
 
@@ -70,6 +75,9 @@ def make_train_step(
         rng = jax.random.fold_in(base_key, state.step)
         images = normalize_images(batch['image'], normalization, compute_dtype)
         labels = batch['label']
+        smoothing = label_smoothing
+        if 'smooth' in batch:  # techniques: Noisy Student, per-row label smoothing
+            smoothing = label_smoothing * batch['smooth'][:, None]
 
         extra = {}
         if dropblock_keep_prob < 1.0:  # techniques: DropBlock, keep_prob from 1 down linearly
@@ -87,9 +95,10 @@ def make_train_step(
                 **extra,
             )
             if teacher is None:
-                data_loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+                data_loss = jnp.mean(cross_entropy(logits, labels, smoothing))
             else:  # techniques: distillation
-                data_loss = jnp.mean(teacher.loss(logits, teacher_logits, labels, label_smoothing))
+                data_loss = jnp.mean(teacher.loss(logits, teacher_logits, labels, smoothing))
+            data_loss = data_loss * data_loss_weight
             l2 = optim.l2_penalty(params, weight_decay_mask) if weight_decay else 0.0
             total = data_loss + weight_decay * l2
             return total, (data_loss, logits, new_vars['batch_stats'])
