@@ -25,9 +25,8 @@ def get_config():
     ns.min_threshold = 0.3
     ns.images_per_class = 0  # keep every confident image once (no balancing)
     ns.unlabeled_ratio = 3
-    # A student trains on 6,000 + ~50,000 examples per epoch (~440 steps of 32 + 96 rows).
-    ns.noise = (
-        'num_epochs=4 eval_every_epochs=2 model.dropout_rate=0.2 model.drop_path_rate=0.2 '
-        'data.augment=randaugment data.randaugment_magnitude=5'
-    )
+    # A student trains on 6,000 + ~54,000 examples per epoch (~470 steps of 32 + 96 rows).
+    # Light noise: this narrow net at 32 px underfits, and RandAugment (M = 5) with dropout and
+    # stochastic depth 0.2 left the first student at 80.0%, below its teacher (docs).
+    ns.noise = 'num_epochs=5 eval_every_epochs=5 model.dropout_rate=0.1 model.drop_path_rate=0.1'
     return config

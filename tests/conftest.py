@@ -117,6 +117,7 @@ _LONGEST_FIRST = (
     'test_finetune.py',
     'test_model.py',
     'test_progressive.py',
+    'test_noisy_student.py',
     'trained workdir',
     'test_faults_workers.py',
     'test_train_step.py',
