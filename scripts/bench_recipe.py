@@ -53,10 +53,12 @@ def recipe_run(
     devices: list | None = None,
 ) -> BenchRun:
     """The training step of the official recipe for ``name`` at ``batch`` and ``res`` px,
-    wired as ``training.run.create_run`` wires it (same modules, same order)."""
+    wired as ``training.run.create_run`` wires it (same modules, same order). ``dtype``
+    float16 adds dynamic loss scaling (``configs/fp16.py``: ``loss_scale.mode='dynamic'``)."""
     import jax.numpy as jnp
 
     import efficientnet
+    from training import loss_scale as loss_scale_lib
     from training import optim, sharding
     from training import state as state_lib
     from training.train_step import make_train_step
@@ -84,7 +86,8 @@ def recipe_run(
     tx = optim.tf1_rmsprop(
         schedule, decay=r['rmsprop_decay'], momentum=r['momentum'], eps=r['rmsprop_epsilon']
     )
-    abstract = state_lib.abstract_state_from_variables(variables, tx)
+    loss_scale = loss_scale_lib.create() if dtype == 'float16' else None
+    abstract = state_lib.abstract_state_from_variables(variables, tx, loss_scale)
     shardings = sharding.state_shardings(abstract, mesh, r['fsdp_min_size'])
     step = make_train_step(
         model,
@@ -100,7 +103,9 @@ def recipe_run(
         normalization=model.variant.normalization,
         compute_dtype=jnp.dtype(dtype),
     )
-    init = state_lib.jit_init(state_lib.make_init_fn(model, tx, res), shardings, mesh)
+    init = state_lib.jit_init(
+        state_lib.make_init_fn(model, tx, res, loss_scale), shardings, mesh
+    )
     return BenchRun(model, mesh, tx, variables, abstract, shardings, init, step)
 
 

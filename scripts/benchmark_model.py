@@ -191,14 +191,16 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int) -> dict
     return out
 
 
-def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+def benchmark_parser(
+    doc: str, dtypes: tuple[str, ...] = ('float32', 'bfloat16')
+) -> argparse.ArgumentParser:
     """The options every benchmark script shares (model, batch, resolution, dtype, steps, the
     PyTorch peer, JSON output)."""
     p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
     p.add_argument('--model', default='efficientnet-b0')
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--resolution', type=int, default=None, help="default: the variant's")
-    p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+    p.add_argument('--dtype', choices=list(dtypes), default='float32')
     p.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
     p.add_argument('--torch', action='store_true', help='also time the PyTorch peer')
     p.add_argument('--json', action='store_true')

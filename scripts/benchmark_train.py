@@ -3,14 +3,15 @@ into tracing, compilation and the first run, cold and warm; on a GPU also peak m
 largest batch that fits; with ``--memory``, the step's memory with and without remat.
 
     python scripts/benchmark_train.py [--model b0[,b7,...]] [--batch 16] [--resolution 224]
-        [--dtype float32|bfloat16] [--steps 5] [--scan-blocks on|off|both] [--torch]
+        [--dtype float32|bfloat16|float16] [--steps 5] [--scan-blocks on|off|both] [--torch]
         [--max-batch] [--json] [--cache-dir DIR] [--memory]
 
 Ours is the step ``train.py`` runs with the official recipe of ``configs/base.py`` (forward
 and backward in training mode, label smoothing, L2 weight decay, TF1 RMSProp with the
 official schedule, the EMA update over weights and BatchNorm statistics), jitted over every
-device JAX finds and fed synthetic uint8 batches already on the device. ``recipe_run`` wires
-it from the model and the training modules alone (no config library, no input pipeline, no
+device JAX finds and fed synthetic uint8 batches already on the device; ``--dtype float16``
+adds the dynamic loss scaling of ``configs/fp16.py`` (GPUs without bfloat16). ``recipe_run``
+wires it from the model and the training modules alone (no config library, no input pipeline, no
 TensorFlow), so the script runs on a machine that has only jax, flax, optax and torch;
 ``tests/test_benchmarks.py`` checks that it compiles to the program ``training.run`` builds
 from ``configs/base.py``.
@@ -168,7 +169,7 @@ def depth_ratios(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = benchmark_parser(__doc__)
+    p = benchmark_parser(__doc__, dtypes=('float32', 'bfloat16', 'float16'))
     p.add_argument(
         '--cache-dir',
         default=None,

@@ -3,7 +3,9 @@
 #   1. B0 at 224 px and 2. B4 at 380 px: training images/s, ours (bfloat16; a cold and a warm
 #      process, so compile and cache-load times too) against PyTorch AMP bfloat16 channels-last;
 #   3. B7 at 600 px: the largest batch whose training step runs, ours against PyTorch's;
-#   4. B7 compile time with and without the scanned blocks, if time is left.
+#   4. B0 at 224 px in float16 with dynamic loss scaling against PyTorch AMP float16 with its
+#      GradScaler (GPUs without bfloat16: V100, T4);
+#   5. B7 compile time with and without the scanned blocks, if time is left.
 # Each part has its own time limit and writes its rows to $OUT (or ./gpu_check_out), so a part
 # that runs out of time costs only itself; the last lines are a summary.
 #
@@ -48,6 +50,8 @@ part b0_224 100 --model b0 --resolution 224 --batch 256 --dtype bfloat16 --steps
 part b4_380 130 --model b4 --resolution 380 --batch 64 --dtype bfloat16 --steps 10 --torch
 part b7_600_max_batch 200 --model b7 --resolution 600 --batch 16 --dtype bfloat16 --steps 3 \
   --max-batch --torch
+part b0_224_fp16 60 --model b0 --resolution 224 --batch 256 --dtype float16 --steps 10 --torch \
+  --cache-dir "$(mktemp -d)"
 part b7_600_compile 120 --model b7 --resolution 600 --batch 8 --dtype bfloat16 --steps 2 \
   --scan-blocks both --cache-dir "$(mktemp -d)"
 

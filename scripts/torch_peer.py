@@ -3,10 +3,11 @@ in the same invocation as ours.
 
 ``--torch`` runs the same recipe in PyTorch in the same invocation: efficientnet_pytorch when
 it is installed, else timm's ``efficientnet_bN`` (the same network), and for an EfficientNetV2
-timm's ``tf_efficientnetv2_*`` (the same network with TF SAME padding); channels-last (its fastest
-layout; AMP bfloat16 on CUDA with ``--dtype bfloat16``) and, on CPU, also the default
-contiguous layout. Its step is forward, label-smoothed cross-entropy, backward,
-``torch.optim.RMSprop`` (alpha 0.9, momentum 0.9, eps 1e-3, weight decay 1e-5) and an EMA
+timm's ``tf_efficientnetv2_*`` (the same network with TF SAME padding); channels-last (its
+fastest layout; AMP bfloat16 on CUDA with ``--dtype bfloat16``; AMP float16 with PyTorch's
+dynamic loss scaling, ``torch.amp.GradScaler`` from 2^15, with ``--dtype float16``) and, on
+CPU, also the default contiguous layout. Its step is forward, label-smoothed cross-entropy,
+backward, ``torch.optim.RMSprop`` (alpha 0.9, momentum 0.9, eps 1e-3, weight decay 1e-5) and an EMA
 update of parameters and buffers; its first step includes building the network.
 """
 
@@ -67,18 +68,24 @@ def train_step_fn(name: str, batch: int, res: int, dtype: str, channels_last: bo
     ema = [t.detach().clone() for t in net.state_dict().values() if t.is_floating_point()]
     x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    amp = dtype == 'bfloat16'
+    amp = dtype in ('bfloat16', 'float16')
+    amp_dtype = torch.float16 if dtype == 'float16' else torch.bfloat16
+    # float16: the same rule as ours (training/loss_scale.py): 2^15, x2 after 2000 finite steps
+    scaler = torch.amp.GradScaler(
+        device, init_scale=2.0**15, growth_interval=2000, enabled=dtype == 'float16'
+    )
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def run():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type=device, dtype=amp_dtype, enabled=amp):
             logits = net(x)
         loss = torch.nn.functional.cross_entropy(
             logits.float(), labels, label_smoothing=RECIPE['label_smoothing']
         )
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         with torch.no_grad():
             live = [t for t in net.state_dict().values() if t.is_floating_point()]
             torch._foreach_lerp_(ema, live, 1 - RECIPE['ema_decay'])

@@ -19,15 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING_ON_GPU_IMAGE = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections', 'keras')
 
 
-def test_recipe_run_compiles_to_the_step_of_the_base_config():
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
+def test_recipe_run_compiles_to_the_step_of_the_base_config(dtype):
     """The benchmark wires the official recipe without configs/: the train step it builds
     lowers to the same program as training.run.create_run's from configs/base.py (same
     model, schedule, optimizer, decay mask, EMA and shardings), and so does the state
-    initialisation. A recipe change in configs/base.py that the benchmark misses fails here."""
+    initialisation. A recipe change in configs/base.py that the benchmark misses fails here.
+    float16 is configs/fp16.py's setting: float16 compute with dynamic loss scaling."""
     name, batch, res = 'efficientnet-tiny', 8, 32
     config = base.get_config()
     config.model.name = name
-    config.model.compute_dtype = 'float32'
+    config.model.compute_dtype = dtype
+    if dtype == 'float16':
+        config.loss_scale.mode = 'dynamic'
     config.data.resolution = res
     config.batch_size = batch
     plan = config_resolve.resolve(
@@ -36,7 +40,7 @@ def test_recipe_run_compiles_to_the_step_of_the_base_config():
         dataset_info_fn=lambda _: bench_recipe.IMAGENET,
     )
     ours = run_lib.create_run(config, plan)
-    bench = bench_recipe.recipe_run(name, batch, res, 'float32')
+    bench = bench_recipe.recipe_run(name, batch, res, dtype)
     assert bench.model == ours.model
     batch_shapes = {
         'image': jax.ShapeDtypeStruct((batch, res, res, 3), 'uint8'),
@@ -45,8 +49,11 @@ def test_recipe_run_compiles_to_the_step_of_the_base_config():
     lower = lambda step: step.lower(ours.abstract_state, batch_shapes).as_text()
     assert lower(bench.train_step) == lower(ours.train_step)
     key = jax.random.key(0)
+    loss_scale = run_lib.loss_scale_lib.from_config(config)
     init = run_lib.state_lib.jit_init(
-        run_lib.state_lib.make_init_fn(ours.model, ours.tx, res), ours.state_shardings, ours.mesh
+        run_lib.state_lib.make_init_fn(ours.model, ours.tx, res, loss_scale),
+        ours.state_shardings,
+        ours.mesh,
     )
     assert bench.init.lower(key).as_text() == init.lower(key).as_text()
 
