@@ -32,7 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.export.network import Conv, FoldedNetwork, SqueezeExcite, forward
+from inference.export.network import (
+    Conv,
+    FoldedNetwork,
+    SqueezeExcite,
+    forward,
+    network_from_dict,
+    network_to_dict,
+)
 
 NUM_BITS = 8
 PROBABILITY_RANGE = (0.0, 255.0 / 256.0)  # TFLite's int8 LOGISTIC / SOFTMAX output range
@@ -339,3 +346,47 @@ def qat_forward(
     ops = QuantOps(net, ranges, train=train, decay=decay)
     logits, probabilities = forward(ops, net, images)
     return logits, probabilities, ops.new_ranges
+
+
+# ------------------------------------------------------------------- the QAT result on disk
+
+QAT_FILE = 'qat.msgpack'  # in a QAT workdir: the folded network, its ranges and where from
+
+
+def logits_step(ranges: dict) -> float:
+    """The logits' output step (one LSB of their int8 scale) under ``ranges``."""
+    (name,) = [k for k in ranges if k.endswith('_logits')]
+    lo, hi = np.asarray(ranges[name], np.float32)
+    return float(nudge(lo, hi)[2])
+
+
+def save_qat(path: str, net: FoldedNetwork, ranges: dict, info: dict) -> str:
+    """Writes the fine-tuned folded network, its activation ranges and ``info`` (source, step,
+    normalisation, ...) as msgpack to ``path`` (local or gs://)."""
+    from flax import serialization
+
+    from efficientnet import paths
+
+    data = {
+        'network': network_to_dict(jax.device_get(net)),
+        'ranges': {k: np.asarray(v, np.float32) for k, v in ranges.items()},
+        'info': dict(info),
+    }
+    paths.write_atomic(path, serialization.msgpack_serialize(data))
+    return path
+
+
+def load_qat(path: str) -> tuple[FoldedNetwork, dict, dict]:
+    """(network, ranges, info) from ``save_qat``'s file, or from a QAT workdir holding one."""
+    from flax import serialization
+
+    from efficientnet import paths
+
+    p = paths.as_path(path)
+    if p.is_dir():
+        p = paths.as_path(path, QAT_FILE)
+    if not p.is_file():
+        raise FileNotFoundError(f'{p} not found: not a QAT result (scripts/qat.py writes it)')
+    data = serialization.msgpack_restore(p.read_bytes())
+    ranges = {k: np.asarray(v, np.float32) for k, v in data['ranges'].items()}
+    return network_from_dict(data['network']), ranges, dict(data['info'])
