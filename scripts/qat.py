@@ -41,11 +41,14 @@ def _main(argv: list[str] | None) -> int:
     config_flags.DEFINE_config_file('config', None, 'config file', flag_values=fv, lock_config=True)
     flags.DEFINE_string('workdir', None, 'where the QAT result goes', flag_values=fv)
     flags.DEFINE_boolean('verbose', False, cli.VERBOSE_HELP, flag_values=fv)
+    saved, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
     try:
         rest = fv(argv)
     except Exception as e:  # noqa: BLE001 - flags.Error, and what config_flags lets through
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise cli.UserError(f'bad command line: {first}') from e
+    finally:
+        sys.argv = saved
     if len(rest) > 1:
         raise cli.UserError(f'unexpected arguments: {" ".join(rest[1:])}')
     if fv.config is None or fv.workdir is None:

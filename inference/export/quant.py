@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientnet.layers import depthwise_conv
 from inference.export.network import (
     Conv,
     FoldedNetwork,
@@ -159,6 +160,31 @@ def weight_range(kernel: Any, per_channel: bool) -> tuple[Any, Any]:
     return -m, m
 
 
+def weight_scale(kernel: Any, per_channel: bool) -> Any:
+    """The int8 scale TFLite gives a kernel fake-quantised by ``fake_quant_weights``."""
+    lo, hi = weight_range(kernel, per_channel)
+    return nudge(lo, hi, narrow_range=True)[2]
+
+
+@jax.custom_vjp
+def _straight_through(x: jax.Array, q: jax.Array) -> jax.Array:
+    return q
+
+
+_straight_through.defvjp(lambda x, q: (q, None), lambda _, g: (g, jnp.zeros_like(g)))
+
+
+def quantize_bias(bias: Any, input_scale: Any, kernel_scale: Any) -> jax.Array:
+    """TFLite's int32 bias: ``round(b / (s_in * s_w)) * s_in * s_w`` (per output channel), with
+    a straight-through gradient. Without it the JAX model would miss TFLite's bias rounding,
+    which is coarse where a channel's weights are large: up to a tenth of an output step,
+    enough to move a whole channel that is mostly bias by one step."""
+    bias = jnp.asarray(bias, jnp.float32)
+    scale = jnp.asarray(input_scale, jnp.float32) * jnp.asarray(kernel_scale, jnp.float32)
+    q = _no_contract(_round_half_away(bias / scale) * scale)
+    return _straight_through(bias, jax.lax.stop_gradient(q))
+
+
 # ------------------------------------------------------------------ the walk with fake-quant
 
 
@@ -188,10 +214,27 @@ class FakeQuantWalk:
     def fake_quant_weights(self, kernel: Any, per_channel: bool) -> Any:
         raise NotImplementedError
 
+    def act_scale(self, name: str) -> Any:
+        """The int8 scale of activation ``name`` (after ``fake_quant_act`` saw it)."""
+        raise NotImplementedError
+
+    def bias(self, bias: Any, kernel: Any, per_channel: bool) -> Any:
+        """``bias`` as TFLite stores it (``quantize_bias``), the input being the last
+        activation quantised: every convolution and the classifier read the tensor made just
+        before them."""
+        return self.constant_out(
+            quantize_bias(bias, self._input_scale, weight_scale(kernel, per_channel))
+        )
+
+    def constant_out(self, x: jax.Array) -> Any:
+        return x
+
     def _act(self, x: Any, kind: str) -> Any:
         name = f'{self._count:03d}_{kind}'
         self._count += 1
-        return self.fake_quant_act(x, name)
+        x = self.fake_quant_act(x, name)
+        self._input_scale = self.act_scale(name)
+        return x
 
     def _activation(self, y: Any, name: str | None) -> Any:
         if name is None:
@@ -210,28 +253,34 @@ class FakeQuantWalk:
         # (x - mean) / std as a 1x1 depthwise convolution (x * 1/std - mean/std): int8 TFLite
         # has no SUB/DIV by a per-channel constant, but a DEPTHWISE_CONV_2D on the exact pixels.
         x = self.fake_quant_fixed(self.cast(images), *PIXEL_RANGE)
+        self._input_scale = np.float32(1.0)  # PIXEL_RANGE's
         std64 = np.asarray(std, np.float64)
-        kernel = self.fake_quant_weights(np.float32(1.0 / std64)[None, None, :], True)
-        shift = np.float32(-np.asarray(mean, np.float64) / std64)
+        scale = np.float32(1.0 / std64)[None, None, :]
+        shift = self.bias(np.float32(-np.asarray(mean, np.float64) / std64), scale, True)
+        kernel = self.fake_quant_weights(scale, True)
         return self._act(self.depthwise2d(x, kernel, 1, self.net.resolution) + shift, 'input')
 
     def conv(self, x: Any, layer: Conv, size: int) -> Any:
+        bias = self.bias(layer.bias, layer.kernel, True)
         kernel = self.fake_quant_weights(layer.kernel, True)
-        y = self.conv2d(x, kernel, layer.stride, size) + layer.bias
+        y = self.conv2d(x, kernel, layer.stride, size) + bias
         return self._activation(y, layer.activation)
 
     def depthwise(self, x: Any, layer: Conv, size: int) -> Any:
         # (k, k, C) per channel; the TF side quantises it as (k, k, 1, C), which converts.
+        bias = self.bias(layer.bias, layer.kernel, True)
         kernel = self.fake_quant_weights(layer.kernel, True)
-        y = self.depthwise2d(x, kernel, layer.stride, size) + layer.bias
+        y = self.depthwise2d(x, kernel, layer.stride, size) + bias
         return self._activation(y, layer.activation)
 
     def squeeze_excite(self, x: Any, se: SqueezeExcite) -> Any:
         s = self._act(self.mean(x, keepdims=True), 'se_mean')
+        bias = self.bias(se.reduce_bias, se.reduce_kernel, True)
         s = self.conv2d(s, self.fake_quant_weights(se.reduce_kernel[None, None], True), 1, 1)
-        s = self._activation(s + se.reduce_bias, se.activation)
+        s = self._activation(s + bias, se.activation)
+        bias = self.bias(se.expand_bias, se.expand_kernel, True)
         s = self.conv2d(s, self.fake_quant_weights(se.expand_kernel[None, None], True), 1, 1)
-        s = self._act(s + se.expand_bias, 'se_logit')
+        s = self._act(s + bias, 'se_logit')
         s = self.fake_quant_fixed(self.sigmoid(s), *PROBABILITY_RANGE)
         return self._act(x * s, 'se_scaled')
 
@@ -240,6 +289,7 @@ class FakeQuantWalk:
 
     def classify(self, x: Any, kernel: Any, bias: Any) -> tuple[Any, Any]:
         features = self._act(self.mean(x, keepdims=False), 'features')
+        bias = self.bias(bias, kernel, False)
         logits = self.matmul(features, self.fake_quant_weights(kernel, False)) + bias
         logits = self._act(logits, 'logits')
         return logits, self.fake_quant_fixed(self.softmax(logits), *PROBABILITY_RANGE)
@@ -248,12 +298,20 @@ class FakeQuantWalk:
 class QuantOps(FakeQuantWalk):
     """The JAX fake-quant walk. ``ranges`` maps each activation's name to float32 [min, max];
     None measures them on this batch (the start of the EMA). ``train=True`` moves every range
-    towards this batch's (``decay``); ``new_ranges`` holds the ranges used, to keep."""
+    towards this batch's (``decay``); ``new_ranges`` holds the ranges used, to keep.
+    ``depthwise_impl`` picks the depthwise convolution as the model's option does."""
 
     def __init__(
-        self, net: FoldedNetwork, ranges: dict | None, *, train: bool = False, decay: float = 0.99
+        self,
+        net: FoldedNetwork,
+        ranges: dict | None,
+        *,
+        train: bool = False,
+        decay: float = 0.99,
+        depthwise_impl: str = 'auto',
     ):
         super().__init__(net)
+        self.impl = depthwise_impl
         self.ranges = ranges
         self.train = train
         self.decay = decay
@@ -274,6 +332,10 @@ class QuantOps(FakeQuantWalk):
         r = jax.lax.stop_gradient(jnp.asarray(r, jnp.float32))
         self.new_ranges[name] = r
         return fake_quant(x, r[0], r[1])
+
+    def act_scale(self, name: str) -> jax.Array:
+        r = self.new_ranges[name]
+        return nudge(r[0], r[1])[2]
 
     def fake_quant_fixed(self, x: jax.Array, lo: float, hi: float) -> jax.Array:
         return fake_quant(x, opaque(jnp.float32(lo)), opaque(jnp.float32(hi)))
@@ -303,16 +365,10 @@ class QuantOps(FakeQuantWalk):
         return _no_contract(y)  # the bias add stays a separate rounding, as in TF
 
     def depthwise2d(self, x: jax.Array, kernel: jax.Array, stride: int, size: int) -> jax.Array:
+        # The model's own depthwise convolution: XLA's grouped convolution (and its gradient) is
+        # many times slower on CPU (efficientnet.layers.depthwise_conv).
         k, _, c = kernel.shape
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel.reshape(k, k, 1, c),
-            (stride, stride),
-            self._pads(size, k, stride),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=c,
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        y = depthwise_conv(x, kernel.reshape(k, k, 1, c), stride, self.net.padding, self.impl)
         return _no_contract(y)  # the bias add stays a separate rounding, as in TF
 
     def sigmoid(self, x: jax.Array) -> jax.Array:
@@ -341,9 +397,11 @@ def qat_forward(
     *,
     train: bool = False,
     decay: float = 0.99,
+    depthwise_impl: str = 'auto',
 ) -> tuple[jax.Array, jax.Array, dict]:
-    """uint8 images -> (logits, probabilities, ranges used) of the fake-quantised network."""
-    ops = QuantOps(net, ranges, train=train, decay=decay)
+    """uint8 images -> (logits, probabilities, ranges used) of the fake-quantised network.
+    ``depthwise_impl``: as the model's (``efficientnet.layers.depthwise_conv``)."""
+    ops = QuantOps(net, ranges, train=train, decay=decay, depthwise_impl=depthwise_impl)
     logits, probabilities = forward(ops, net, images)
     return logits, probabilities, ops.new_ranges
 

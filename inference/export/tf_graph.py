@@ -96,10 +96,18 @@ class QuantTFOps(quant.FakeQuantWalk):
         if name not in self.ranges:
             raise ValueError(f'no range {name!r}: the ranges belong to another network')
         lo, hi = (float(v) for v in np.asarray(self.ranges[name], np.float32))
-        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi)
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, name=f'q{name}')
 
     def fake_quant_fixed(self, x: tf.Tensor, lo: float, hi: float) -> tf.Tensor:
         return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi)
+
+    def act_scale(self, name: str) -> np.ndarray:
+        # Computed by the JAX code (eagerly), so that the bias constants equal the JAX ones.
+        lo, hi = np.asarray(self.ranges[name], np.float32)
+        return np.asarray(quant.nudge(lo, hi)[2])
+
+    def constant_out(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
 
     def fake_quant_weights(self, kernel: np.ndarray, per_channel: bool) -> tf.Tensor:
         kernel = np.asarray(kernel, np.float32)
