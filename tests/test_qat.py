@@ -6,6 +6,8 @@ and agrees with JAX within a few output steps."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,9 +101,20 @@ def test_gradient_is_tfs_straight_through():
 
 @pytest.fixture(scope='module', params=FAMILIES)
 def tiny(request) -> dict:
+    return tiny_network(request.param)
+
+
+@pytest.fixture(scope='module')
+def tiny_lite() -> dict:
+    """The Lite one alone, for the tests of training (compiling the B0-like gradient costs a
+    minute more and exercises nothing else)."""
+    return tiny_network('efficientnet-lite-tiny')
+
+
+@functools.cache
+def tiny_network(name: str) -> dict:
     """A random-init tiny network folded, its ranges measured on task images, the JAX QAT
     logits, the TF FakeQuant graph's logits and the converted int8 TFLite model."""
-    name = request.param
     model = efficientnet.create_model(name, num_classes=10)
     variables = random_variables(model, RES, 0)
     norm = 'lite' if efficientnet.get_variant(name).is_lite else 'imagenet'
@@ -122,6 +135,7 @@ def tiny(request) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_tf_fake_quant_graph_equals_jax(tiny):
     step = quant.logits_step(tiny['ranges'])
     diff = np.max(np.abs(tiny['tf'][0] - tiny['jax'][0]))
@@ -129,6 +143,7 @@ def test_tf_fake_quant_graph_equals_jax(tiny):
     np.testing.assert_allclose(tiny['tf'][1], tiny['jax'][1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tflite_is_int8_and_agrees_with_jax(tiny):
     assert ex.int8_problems(tiny['tflite']) == []
     interpreter = tf.lite.Interpreter(model_content=tiny['tflite'])
@@ -144,7 +159,9 @@ def test_tflite_is_int8_and_agrees_with_jax(tiny):
     np.testing.assert_array_equal(out['logits'].argmax(-1), jax_logits.argmax(-1))
 
 
-def test_ranges_move_only_in_training(tiny):
+@pytest.mark.slow
+def test_ranges_move_only_in_training(tiny_lite):
+    tiny = tiny_lite
     net, ranges, images = tiny['net'], tiny['ranges'], tiny['images'][:16]
 
     @jax.jit
@@ -164,7 +181,9 @@ def test_ranges_move_only_in_training(tiny):
         assert r[0] <= 0.0 <= r[1]
 
 
-def test_train_step_updates_weights_and_ranges(tiny):
+@pytest.mark.slow
+def test_train_step_updates_weights_and_ranges(tiny_lite):
+    tiny = tiny_lite
     net = jax.tree.map(jnp.asarray, tiny['net'])
     ranges = {k: jnp.asarray(v) for k, v in tiny['ranges'].items()}
     before_net = jax.tree.map(np.asarray, net)
@@ -179,7 +198,9 @@ def test_train_step_updates_weights_and_ranges(tiny):
     assert any(not np.array_equal(new_ranges[k], before_ranges[k]) for k in before_ranges)
 
 
-def test_qat_result_round_trips(tiny, tmp_path):
+@pytest.mark.slow
+def test_qat_result_round_trips(tiny_lite, tmp_path):
+    tiny = tiny_lite
     path = quant.save_qat(str(tmp_path / 'q.msgpack'), tiny['net'], tiny['ranges'], {'a': 1})
     net, ranges, info = quant.load_qat(path)
     assert info == {'a': 1} and ranges.keys() == tiny['ranges'].keys()
