@@ -158,6 +158,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.pruning.end_step = 1000
     config.pruning.power = 3.0
     config.pruning.frequency = 100
+    # Quantisation-aware training to an int8 TFLite model (scripts/qat.py, training/qat.py): a
+    # fine-tune of the BatchNorm-folded network of the trained workdir init_from (None: off)
+    # with fake-quant, on the training split of that workdir's config.data (this config's data
+    # section is not used). Adam with a cosine decay from learning_rate over steps.
+    config.qat = ml_collections.ConfigDict()
+    config.qat.init_from = ml_collections.FieldReference(None, field_type=str)
+    config.qat.use_ema = True  # start from the EMA weights (what evaluation and export use)
+    config.qat.steps = 500
+    config.qat.batch_size = 128
+    config.qat.learning_rate = 1e-4
+    config.qat.range_decay = 0.99  # EMA of each activation's batch min/max
+    config.qat.label_smoothing = 0.1
+    config.qat.seed = 0
+    # At the end: top-1 of the float model, post-training int8 (calibrated on num_calibration
+    # training images), the QAT model in JAX and its int8 TFLite file on the eval split.
+    config.qat.evaluate = True
+    config.qat.num_calibration = 200
 
     # Noisy Student's driver (scripts/noisy_student.py; train.py reads only the
     # config.data.pseudo_labels fields it sets for a student run).

@@ -5,6 +5,10 @@
 ``conv(x, W) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)`` becomes
 ``conv(x, W * s) + b``. ``forward`` then walks the folded network with any ``Ops``
 implementation, so the TensorFlow graph (TFLite) and the ONNX graph share one walk.
+
+The dataclasses are jax pytrees (arrays as leaves, strides and names as static data), so that
+quantisation-aware training (``quant.py``) can differentiate through a folded network;
+``network_to_dict`` / ``network_from_dict`` turn one into nested dicts for msgpack and back.
 """
 
 from __future__ import annotations
@@ -84,6 +88,76 @@ class FoldedNetwork:
     def pads(self, size: int, kernel: int, stride: int) -> tuple[int, int]:
         """(low, high) padding of one spatial axis of ``size`` pixels, as the JAX model pads."""
         return pad_amounts(size, kernel, stride, self.padding)
+
+
+for _cls, _meta in (
+    (Conv, ('stride', 'activation')),
+    (SqueezeExcite, ('activation',)),
+    (Block, ('residual',)),
+    (FoldedNetwork, ('name', 'resolution', 'padding', 'mean', 'std')),
+):
+    jax.tree_util.register_dataclass(
+        _cls,
+        data_fields=[f.name for f in dataclasses.fields(_cls) if f.name not in _meta],
+        meta_fields=list(_meta),
+    )
+
+
+def network_to_dict(net: FoldedNetwork) -> dict:
+    """Nested dicts of numpy arrays, str, int, float and None (what msgpack stores)."""
+
+    def convert(obj):
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, tuple):
+            return {str(i): convert(v) for i, v in enumerate(obj)}
+        if isinstance(obj, (np.ndarray, jax.Array)):
+            return np.asarray(obj, np.float32)
+        return obj
+
+    return convert(net)
+
+
+def network_from_dict(d: dict) -> FoldedNetwork:
+    """The inverse of ``network_to_dict``."""
+
+    def conv(c):
+        return (
+            None
+            if c is None
+            else Conv(_f32(c['kernel']), _f32(c['bias']), int(c['stride']), c['activation'])
+        )
+
+    def se(q):
+        if q is None:
+            return None
+        arrays = [
+            _f32(q[k]) for k in ('reduce_kernel', 'reduce_bias', 'expand_kernel', 'expand_bias')
+        ]
+        return SqueezeExcite(*arrays, q['activation'])
+
+    blocks = tuple(
+        Block(
+            conv(b['expand']),
+            conv(b['depthwise']),
+            se(b['se']),
+            conv(b['project']),
+            bool(b['residual']),
+        )
+        for _, b in sorted(d['blocks'].items(), key=lambda kv: int(kv[0]))
+    )
+    return FoldedNetwork(
+        name=d['name'],
+        resolution=int(d['resolution']),
+        padding=d['padding'],
+        mean=tuple(float(d['mean'][str(i)]) for i in range(3)),
+        std=tuple(float(d['std'][str(i)]) for i in range(3)),
+        stem=conv(d['stem']),
+        blocks=blocks,
+        head=conv(d['head']),
+        classifier_kernel=_f32(d['classifier_kernel']),
+        classifier_bias=_f32(d['classifier_bias']),
+    )
 
 
 class Ops(Protocol):

@@ -7,6 +7,10 @@ emits shape arithmetic (SHAPE, GATHER, UNSORTED_SEGMENT_PROD, ...) that int8 qua
 in float. A graph of plain TF ops converts to the fused kernels TFLite is built around
 (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED with folded BatchNorm and fused ReLU6) and
 quantises fully. ``tests/test_export.py`` checks the converted models against the JAX model.
+
+``QuantTFOps`` is the same walk with ``tf.quantization`` fake-quant ops at the tensors and with
+the ranges that quantisation-aware training learned (``quant.FakeQuantWalk`` places them for
+both); the converter reads every range as an int8 scale and zero point.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from inference.export import quant
 from inference.export.network import Conv, FoldedNetwork, SqueezeExcite, forward
 
 
@@ -78,8 +83,83 @@ class TFOps:
         return logits, tf.nn.softmax(logits)
 
 
-def serving_function(net: FoldedNetwork) -> tf.types.experimental.ConcreteFunction:
-    """uint8 images [N, S, S, 3] -> {'logits', 'probabilities'} (float32), N free."""
+class QuantTFOps(quant.FakeQuantWalk):
+    """The fake-quant walk in TF ops with fixed ``ranges`` ({name: [min, max]}, from
+    ``quant.QuantOps``); weights are fake-quantised here from their own symmetric range."""
+
+    def __init__(self, net: FoldedNetwork, ranges: dict):
+        super().__init__(net)
+        self.ranges = ranges
+        self._tf = TFOps(net)
+
+    def fake_quant_act(self, x: tf.Tensor, name: str) -> tf.Tensor:
+        if name not in self.ranges:
+            raise ValueError(f'no range {name!r}: the ranges belong to another network')
+        lo, hi = (float(v) for v in np.asarray(self.ranges[name], np.float32))
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, name=f'q{name}')
+
+    def fake_quant_fixed(self, x: tf.Tensor, lo: float, hi: float) -> tf.Tensor:
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi)
+
+    def act_scale(self, name: str) -> np.ndarray:
+        # Computed by the JAX code (eagerly), so that the bias constants equal the JAX ones.
+        lo, hi = np.asarray(self.ranges[name], np.float32)
+        return np.asarray(quant.nudge(lo, hi)[2])
+
+    def constant_out(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def fake_quant_weights(self, kernel: np.ndarray, per_channel: bool) -> tf.Tensor:
+        kernel = np.asarray(kernel, np.float32)
+        lo, hi = quant.weight_range(kernel, per_channel)
+        if not per_channel:
+            fq = tf.quantization.fake_quant_with_min_max_vars
+            return fq(tf.constant(kernel), float(lo), float(hi), narrow_range=True)
+        if kernel.ndim == 3:  # depthwise (k, k, C): quantised as (k, k, 1, C), which converts
+            kernel = kernel[:, :, None, :]
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            tf.constant(kernel), tf.constant(lo), tf.constant(hi), narrow_range=True
+        )
+
+    def cast(self, images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(images, tf.float32)
+
+    def conv2d(self, x: tf.Tensor, kernel: tf.Tensor, stride: int, size: int) -> tf.Tensor:
+        layer = Conv(np.zeros(kernel.shape), np.zeros(()), stride, None)
+        x, padding = self._tf._padded(x, layer, size)
+        return tf.nn.conv2d(x, kernel, stride, padding)
+
+    def depthwise2d(self, x: tf.Tensor, kernel: tf.Tensor, stride: int, size: int) -> tf.Tensor:
+        k, c = int(kernel.shape[0]), int(kernel.shape[-1])
+        layer = Conv(np.zeros((k, k, c)), np.zeros(()), stride, None)
+        x, padding = self._tf._padded(x, layer, size)
+        kernel = tf.reshape(kernel, [k, k, c, 1])
+        return tf.nn.depthwise_conv2d(x, kernel, [1, stride, stride, 1], padding)
+
+    def sigmoid(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.sigmoid(x)
+
+    def relu6(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.relu6(x)
+
+    def relu(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.relu(x)
+
+    def mean(self, x: tf.Tensor, keepdims: bool) -> tf.Tensor:
+        return tf.reduce_mean(x, axis=[1, 2], keepdims=keepdims)
+
+    def matmul(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(x, kernel)
+
+    def softmax(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.softmax(x)
+
+
+def serving_function(
+    net: FoldedNetwork, ranges: dict | None = None
+) -> tf.types.experimental.ConcreteFunction:
+    """uint8 images [N, S, S, 3] -> {'logits', 'probabilities'} (float32), N free. With
+    ``ranges`` (quantisation-aware training's), the graph carries fake-quant ops."""
     size = net.resolution
 
     @tf.function(
@@ -87,7 +167,8 @@ def serving_function(net: FoldedNetwork) -> tf.types.experimental.ConcreteFuncti
         autograph=False,
     )
     def serve(images):
-        logits, probabilities = forward(TFOps(net), net, images)
+        ops = TFOps(net) if ranges is None else QuantTFOps(net, ranges)
+        logits, probabilities = forward(ops, net, images)
         return {'logits': logits, 'probabilities': probabilities}
 
     return serve.get_concrete_function()

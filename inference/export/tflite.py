@@ -5,6 +5,11 @@ variants take uint8 images [N, S, S, 3] and return float32 'logits' and 'probabi
 through the 'serving_default' signature. In the int8 model every op computes in int8 (the
 converter fails rather than leave an op in float); the uint8 input is cast and quantised by
 the model's first ops, the outputs are dequantised.
+
+``convert_qat_tflite`` converts a quantisation-aware-trained network (``quant``): its graph
+carries a fake-quant range on every tensor, so ``optimizations=[DEFAULT]`` without any
+representative data gives a model that is int8 throughout; ``int8_problems`` lists the tensors
+that are not.
 """
 
 from __future__ import annotations
@@ -58,6 +63,57 @@ def convert_tflite(
     return converter.convert()
 
 
+def convert_qat_tflite(net: Any, ranges: dict) -> bytes:
+    """The int8 flatbuffer of a QAT folded network with its learned ``ranges``
+    (``quant.load_qat``); raises ValueError if any internal tensor is left in float."""
+    import tensorflow as tf
+
+    from inference.export import tf_graph
+
+    fn = tf_graph.serving_function(net, ranges)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], tf.Module())
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # the FakeQuant ranges set every scale
+    data = converter.convert()
+    problems = int8_problems(data)
+    if problems:
+        raise ValueError('the QAT model did not convert to int8 throughout: ' + '; '.join(problems))
+    return data
+
+
+def int8_problems(data: bytes) -> list[str]:
+    """Tensors of a flatbuffer that are neither int8 nor int32 (biases), other than the uint8
+    input, its float cast (quantised by the next op) and the dequantised float outputs."""
+    interpreter = _interpreter(data)
+    ops = interpreter._get_ops_details()  # the only listing of ops; stable since TF 2.5
+    boundary = {i for op in ops if op['op_name'] in ('CAST', 'DEQUANTIZE') for i in op['outputs']}
+    boundary |= {d['index'] for d in interpreter.get_input_details()}
+    problems = []
+    for d in interpreter.get_tensor_details():
+        if d['dtype'] in (np.int8, np.int32) or d['index'] in boundary:
+            continue
+        problems.append(f'{d["name"]} is {np.dtype(d["dtype"]).name}')
+    float_ops = sorted({op['op_name'] for op in ops} - INT8_OPS)
+    if float_ops:
+        problems.append(f'unexpected ops {float_ops}')
+    return problems
+
+
+INT8_OPS = {
+    'CAST',
+    'QUANTIZE',
+    'DEQUANTIZE',
+    'CONV_2D',
+    'DEPTHWISE_CONV_2D',
+    'FULLY_CONNECTED',
+    'ADD',
+    'MUL',
+    'MEAN',
+    'LOGISTIC',
+    'SOFTMAX',
+    'PAD',
+}
+
+
 def _calibration_images(images: Any, resolution: int) -> list[np.ndarray]:
     if images is None:
         raise ValueError(
@@ -95,19 +151,7 @@ def run_tflite(
 ) -> dict[str, np.ndarray]:
     """Runs a TFLite file (or flatbuffer bytes) on uint8 images [N, S, S, 3] with TF's
     interpreter; returns {'logits', 'probabilities'}."""
-    import tensorflow as tf
-
-    with warnings.catch_warnings():
-        # TF 2.21 announces the interpreter's move to ai_edge_litert; it runs the same files.
-        warnings.filterwarnings(
-            'ignore', message='.*tf.lite.Interpreter is deprecated', category=UserWarning
-        )
-        if isinstance(model, bytes):
-            interpreter = tf.lite.Interpreter(model_content=model)
-        elif paths.is_remote(model):  # the interpreter opens local files only
-            interpreter = tf.lite.Interpreter(model_content=paths.as_path(model).read_bytes())
-        else:
-            interpreter = tf.lite.Interpreter(model_path=os.fspath(model))
+    interpreter = _interpreter(model)
     images = np.asarray(images, np.uint8)
     # The signature maps 'images', 'logits' and 'probabilities' to the flatbuffer's tensors.
     runner = interpreter.get_signature_runner('serving_default')
@@ -117,3 +161,18 @@ def run_tflite(
         for k, v in out.items():
             result.setdefault(k, []).append(np.asarray(v))
     return {k: np.concatenate(v) for k, v in result.items()}
+
+
+def _interpreter(model: str | os.PathLike | bytes) -> Any:
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        # TF 2.21 announces the interpreter's move to ai_edge_litert; it runs the same files.
+        warnings.filterwarnings(
+            'ignore', message='.*tf.lite.Interpreter is deprecated', category=UserWarning
+        )
+        if isinstance(model, bytes):
+            return tf.lite.Interpreter(model_content=model)
+        if paths.is_remote(model):  # the interpreter opens local files only
+            return tf.lite.Interpreter(model_content=paths.as_path(model).read_bytes())
+        return tf.lite.Interpreter(model_path=os.fspath(model))
