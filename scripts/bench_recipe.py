@@ -103,9 +103,7 @@ def recipe_run(
         normalization=model.variant.normalization,
         compute_dtype=jnp.dtype(dtype),
     )
-    init = state_lib.jit_init(
-        state_lib.make_init_fn(model, tx, res, loss_scale), shardings, mesh
-    )
+    init = state_lib.jit_init(state_lib.make_init_fn(model, tx, res, loss_scale), shardings, mesh)
     return BenchRun(model, mesh, tx, variables, abstract, shardings, init, step)
 
 

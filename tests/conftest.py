@@ -124,6 +124,7 @@ _LONGEST_FIRST = (
     'test_input_distributed.py',
     'test_loss_scale.py',
     'test_pruning.py',
+    'test_qat.py',
     'test_distill.py',
     'test_dropblock.py',
     'test_export.py',
