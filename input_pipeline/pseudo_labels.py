@@ -29,6 +29,22 @@ from input_pipeline.sources.base import Examples, cfg_get
 _STREAM_SALT = 0x5EED0010
 
 
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
+    """Writes ``arrays`` as one ``.npz`` atomically (local or gs://); returns the path."""
+    from efficientnet import paths
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return paths.write_atomic(path, buf.getvalue())
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (local or gs://)."""
+    with tf.io.gfile.GFile(path, 'rb') as f:
+        with np.load(io.BytesIO(f.read())) as data:
+            return {k: data[k] for k in data.files}
+
+
 def write(
     path: str,
     index: np.ndarray,
@@ -37,8 +53,6 @@ def write(
     classes: np.ndarray | None = None,
 ) -> str:
     """Writes a selection file atomically; exactly one of ``probs`` / ``classes``."""
-    from efficientnet import paths
-
     if (probs is None) == (classes is None):
         raise ValueError('a selection file holds either probs (soft) or classes (hard)')
     arrays = {'index': np.asarray(index, np.int64)}
@@ -46,17 +60,13 @@ def write(
         arrays['probs'] = np.asarray(probs, np.float32)
     else:
         arrays['classes'] = np.asarray(classes, np.int32)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return paths.write_atomic(path, buf.getvalue())
+    return write_npz(path, arrays)
 
 
 @functools.lru_cache(maxsize=4)
 def read(path: str) -> dict[str, np.ndarray]:
     """{'index', 'probs' or 'classes'} of a selection file."""
-    with tf.io.gfile.GFile(path, 'rb') as f:
-        with np.load(io.BytesIO(f.read())) as data:
-            arrays = {k: data[k] for k in data.files}
+    arrays = read_npz(path)
     if 'index' not in arrays or ('probs' in arrays) == ('classes' in arrays):
         raise ValueError(f'{path}: not a selection file (index plus probs or classes)')
     return arrays

@@ -165,6 +165,7 @@ class Driver:
 
     def predict(self, k: int) -> None:
         """This process's shard of the teacher's predictions for iteration k."""
+        from input_pipeline import pseudo_labels
         from training import noisy_student
 
         directory = self.path(f'iter{k}', 'predictions')
@@ -185,7 +186,7 @@ class Driver:
             process_index=self.process_index,
             process_count=self.process_count,
         )
-        noisy_student.write_npz(out, shard)
+        pseudo_labels.write_npz(out, shard)
         print(
             f'[{k}] predicted {len(shard["index"])} unlabeled images in '
             f'{time.time() - start:.0f} s: {out}',
@@ -274,15 +275,11 @@ class Driver:
         self._write(self.path(SUMMARY_FILE), summary)
 
     def _read(self, path: str) -> dict | None:
-        from training import noisy_student
-
-        return noisy_student.read_json(path)
+        return sweep._read_json(path)
 
     def _write(self, path: str, record: dict) -> None:
-        from training import noisy_student
-
-        if self.process_index == 0:
-            noisy_student.write_json(path, record)
+        if self.process_index == 0:  # one writer; the others read what it wrote
+            sweep._write_json(path, record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,7 +248,7 @@ def test_driver_survives_kill_9_in_the_student_and_finishes(tools_env, tmp_path)
     assert all(0.0 <= m['ema_top1'] <= 1.0 for m in summary['models'])
     # What the student trained on: the predictions of every unlabeled image, the selection
     # the official rule makes from them, and the student's noise.
-    pred = noisy_student.read_npz(os.path.join(workdir, 'iter1', 'predictions',
+    pred = pseudo_labels.read_npz(os.path.join(workdir, 'iter1', 'predictions',
                                                'shard-00000-of-00001.npz'))  # fmt: skip
     assert len(pred['index']) == 48
     np.testing.assert_allclose(pred['probs'].sum(1), 1.0, rtol=1e-5)

@@ -17,8 +17,6 @@ many images is down-sampled at random and one with too few is duplicated. ``imag
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import time
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from efficientnet import paths
+from input_pipeline import pseudo_labels
 
 # The official thresholds: 0.00, 0.01, ..., 1.00.
 THRESHOLDS = np.arange(101) / 100.0
@@ -119,17 +118,6 @@ def predict_shard(
     }
 
 
-def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return paths.write_atomic(path, buf.getvalue())
-
-
-def read_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(paths.as_path(path).read_bytes())) as data:
-        return {k: data[k] for k in data.files}
-
-
 def gather_shards(
     directory: str, process_count: int, *, poll_s: float = 5.0, timeout_s: float | None = None
 ) -> dict[str, np.ndarray]:
@@ -141,22 +129,13 @@ def gather_shards(
             missing = [f for f in files if not paths.as_path(f).exists()]
             raise TimeoutError(f'predictions not written: {missing}')
         time.sleep(poll_s)
-    shards = [read_npz(f) for f in files]
+    shards = [pseudo_labels.read_npz(f) for f in files]
     return {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
 
 
 def wait_for(path: str, poll_s: float = 5.0) -> None:
     while not paths.as_path(path).exists():
         time.sleep(poll_s)
-
-
-def read_json(path: str) -> dict | None:
-    file = paths.as_path(path)
-    return json.loads(file.read_text()) if file.exists() else None
-
-
-def write_json(path: str, record: dict) -> None:
-    paths.write_atomic(path, json.dumps(record, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- checks
