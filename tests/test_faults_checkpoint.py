@@ -77,6 +77,32 @@ def test_digest_matches_a_plain_python_hash_on_any_sharding(rng):
     assert np.asarray(jax.jit(train_state.digests)([jnp.asarray(nan)]))[0, 2] == 0
 
 
+def test_digests_of_arrays_hashed_together_equal_their_own_digests(rng):
+    """``digests`` hashes the arrays of one shape, dtype and sharding as one stacked array
+    (``leaf_groups``): each row still equals the plain hash of its own array, in leaf order,
+    here with repeated shapes in several dtypes, shardings and a NaN among them."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    rows = NamedSharding(mesh, PartitionSpec('data'))
+    xs = [rng.standard_normal((8, 3)).astype(np.float32) for _ in range(5)]
+    xs[3][1, 1] = np.nan
+    tree = {
+        'a': [jnp.asarray(x) for x in xs[:3]],
+        'b': [jax.device_put(x, rows) for x in xs[3:]],  # same shape, another sharding
+        'c': [jnp.asarray(x[:, :2].copy()) for x in xs],
+        'd': jnp.asarray(xs[0], jnp.bfloat16),
+    }
+    leaves = jax.tree.leaves(tree)
+    groups = train_state.leaf_groups(leaves, key=lambda x: x.sharding)
+    assert sorted(len(g) for g in groups) == [1, 2, 3, 5]
+    got = train_state.device_digests(tree)
+    for i, leaf in enumerate(leaves):
+        own = np.asarray(jax.jit(train_state.digests)([jnp.asarray(np.asarray(leaf))]))[0]
+        np.testing.assert_array_equal(got[i], own)
+        if leaf.dtype == np.float32:
+            assert tuple(int(v) for v in got[i, :2]) == _numpy_digest(np.asarray(leaf))
+    assert got[:, 2].tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1]
+
+
 # -- the Checkpointer with a small state ---------------------------------------------------
 
 

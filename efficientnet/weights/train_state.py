@@ -171,13 +171,36 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
     return jnp.stack([h1, h2, jnp.asarray(finite, jnp.uint32)])
 
 
-def digests(tree: Any) -> jax.Array:
+def digests(tree: Any, groups: tuple[tuple[int, ...], ...] | None = None) -> jax.Array:
     """uint32[leaves, 3]: ``_leaf_digest`` of each leaf of ``tree`` in flattening order; trace
-    it under ``jax.jit`` (one pass over the state, one small array to fetch)."""
+    it under ``jax.jit`` (one pass over the state, one small array to fetch).
+
+    ``groups`` (default: ``leaf_groups``) partitions the leaf indices into sets of one shape and
+    dtype; each set is hashed as one stacked array, so the program grows with the number of
+    distinct shapes, not with the number of arrays (a deep network's state repeats a few shapes
+    hundreds of times): B7's state (3,496 arrays, 79 shapes) compiles in 20 s instead of 220 s
+    on 2 CPU cores. The digests are the same either way (exact integer arithmetic); the price is
+    a transient copy of the state in device memory while it is hashed."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((0, 3), jnp.uint32)
-    return jnp.stack([_leaf_digest(x) for x in leaves])
+    groups = leaf_groups(leaves) if groups is None else groups
+    hashed = [
+        jax.vmap(_leaf_digest)(jnp.stack([jnp.asarray(leaves[i]) for i in group]))
+        for group in groups
+    ]
+    order = np.argsort(np.concatenate([np.asarray(g, np.int64) for g in groups]))
+    return jnp.concatenate(hashed)[order]  # back in leaf order: one gather
+
+
+def leaf_groups(leaves: list[Any], key: Any = None) -> tuple[tuple[int, ...], ...]:
+    """The indices of ``leaves`` grouped by shape, dtype and ``key(leaf)`` (``device_digests``
+    passes the sharding, so that stacking a group never moves data between devices)."""
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        k = (tuple(np.shape(x)), jnp.result_type(x), None if key is None else key(x))
+        groups.setdefault(k, []).append(i)
+    return tuple(tuple(g) for g in groups.values())
 
 
 def _key_name(key: Any) -> str:
@@ -188,8 +211,8 @@ def _key_name(key: Any) -> str:
 
 
 @functools.cache
-def _jitted_digests(out_sharding: Any) -> Any:
-    return jax.jit(digests, out_shardings=out_sharding)
+def _jitted_digests(out_sharding: Any, groups: tuple[tuple[int, ...], ...]) -> Any:
+    return jax.jit(functools.partial(digests, groups=groups), out_shardings=out_sharding)
 
 
 def device_digests(tree: Any) -> np.ndarray:
@@ -198,15 +221,18 @@ def device_digests(tree: Any) -> np.ndarray:
     the default device)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
+    leaves = jax.tree.leaves(tree)
     mesh = next(
         (
             x.sharding.mesh
-            for x in jax.tree.leaves(tree)
+            for x in leaves
             if isinstance(getattr(x, 'sharding', None), NamedSharding)
         ),
         None,
     )
-    out = _jitted_digests(None if mesh is None else NamedSharding(mesh, PartitionSpec()))(tree)
+    groups = leaf_groups(leaves, key=lambda x: getattr(x, 'sharding', None))
+    out_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    out = _jitted_digests(out_sharding, groups)(tree)
     return np.asarray(out.addressable_data(0))
 
 
