@@ -27,6 +27,9 @@ rows give each model's times relative to the first one's. ``--scan-blocks both``
 each model with and without ``config.model.scan_blocks`` (compile each stage's repeated blocks
 once).
 
+``checksums_s`` is the first computation of the state's checksums (tracing, compiling or
+loading, and running the program every checkpoint save runs first).
+
 ``--torch`` times the same recipe in PyTorch in the same invocation (``scripts/torch_peer.py``
 says which network and step). ``--max-batch`` and ``--memory`` are described in
 ``scripts/bench_memory.py``.
@@ -86,6 +89,11 @@ def bench_jax(
     step = timed('step_compile_s', step_lowered.compile)
     state, metrics = timed('step_run_s', lambda: step(state, device_batch))
     first = time.perf_counter() - t0
+    # What the first checkpoint adds: the state's checksums, one jitted pass (its compilation
+    # grows with the number of distinct array shapes; efficientnet/weights/train_state.py).
+    from efficientnet.weights import train_state
+
+    timed('checksums_s', lambda: train_state.device_digests(state))
 
     box = [state]
 
