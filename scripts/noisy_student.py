@@ -275,11 +275,11 @@ class Driver:
         self._write(self.path(SUMMARY_FILE), summary)
 
     def _read(self, path: str) -> dict | None:
-        return sweep._read_json(path)
+        return sweep.read_json(path)
 
     def _write(self, path: str, record: dict) -> None:
         if self.process_index == 0:  # one writer; the others read what it wrote
-            sweep._write_json(path, record)
+            sweep.write_json(path, record)
 
 
 def main(argv: list[str] | None = None) -> int:

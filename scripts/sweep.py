@@ -189,7 +189,7 @@ def command_line(args: list[str]) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     file = paths.as_path(path)
     try:
         return json.loads(file.read_text()) if file.exists() else None
@@ -197,7 +197,7 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _write_json(path: str, record: dict) -> None:
+def write_json(path: str, record: dict) -> None:
     paths.write_atomic(path, json.dumps(record, indent=2))
 
 
@@ -300,8 +300,8 @@ def run_sweep(
             workdir = os.path.join(root, name)
             args = train_args(config_spec, workdir, {**fixed, **trial})
             identity = run_identity(config_spec, {**fixed, **trial})
-            done = _read_json(os.path.join(workdir, DONE_FILE))
-            started = _read_json(os.path.join(workdir, RUN_FILE))
+            done = read_json(os.path.join(workdir, DONE_FILE))
+            started = read_json(os.path.join(workdir, RUN_FILE))
             previous = done or started
             if previous is not None and previous.get('identity') != identity:
                 why = (
@@ -317,7 +317,7 @@ def run_sweep(
                 continue
             paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
             record = {'identity': identity, 'swept': trial, 'command': command_line(args)}
-            _write_json(os.path.join(workdir, RUN_FILE), record)
+            write_json(os.path.join(workdir, RUN_FILE), record)
             print(f'{tag}: running (log: {os.path.join(workdir, LOG_FILE)})', flush=True)
             start = time.time()
             finished, last = run_trial(args, workdir, term)
@@ -326,7 +326,7 @@ def run_sweep(
             if finished:
                 when = datetime.datetime.now().isoformat(timespec='seconds')
                 record.update(final_line=last, seconds=round(seconds, 1), finished=when)
-                _write_json(os.path.join(workdir, DONE_FILE), record)
+                write_json(os.path.join(workdir, DONE_FILE), record)
                 print(f'{tag}: finished in {seconds:.0f} s: {last}', flush=True)
             else:
                 tail = _log_tail(os.path.join(workdir, LOG_FILE))

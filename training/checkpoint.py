@@ -46,6 +46,7 @@ from efficientnet.weights import train_state
 from training.state import TrainState
 
 DATA_ITEM = 'data'  # the train stream's state, saved with each latest step
+SKIPPED = '.skipped-'  # '<step>.skipped-<why>': orbax's step listing ignores such names
 
 # Orbax writes a replicated array "replica-parallel": each replica writes a slice of it, cut on
 # its device by an eager ``jax.lax.slice_in_dim``, which compiles one program per array shape,
@@ -66,7 +67,6 @@ ocp.type_handlers.register_type_handler(
     ),
     override=True,
 )
-SKIPPED = '.skipped-'  # '<step>.skipped-<why>': orbax's step listing ignores such names
 
 
 class CheckpointError(RuntimeError):
