@@ -36,6 +36,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     d.interpolation = 'bicubic'
     d.random_crop = True
     d.random_flip = True
+    # Small images (Fashion-MNIST, CIFAR): shift by up to this many pixels each way after the
+    # resize, zeros filling the border (0: off; input_pipeline/preprocessing.py, translate).
+    d.random_translate = 0
     d.augment = 'none'  # none, randaugment, autoaugment
     d.randaugment_layers = 2
     d.randaugment_magnitude = 9

@@ -125,6 +125,7 @@ def build_train_dataset(
     interpolation = cfg_get(config, 'interpolation', 'bicubic')
     random_crop = bool(cfg_get(config, 'random_crop', True))
     random_flip = bool(cfg_get(config, 'random_flip', True))
+    random_translate = int(cfg_get(config, 'random_translate', 0))
     augment_fn = _augment_fn(config)
     teacher_resolution = cfg_get(config, 'teacher_resolution')
     mixup_alpha = float(cfg_get(config, 'mixup_alpha', 0.0))
@@ -155,6 +156,7 @@ def build_train_dataset(
             random_flip=random_flip,
             interpolation=interpolation,
             crop_fraction=crop_fraction,
+            random_translate=random_translate,
         )
         if augment_fn is not None:
             image = augment_fn(image, aug_seed)

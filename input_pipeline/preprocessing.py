@@ -131,8 +131,9 @@ def preprocess_train(
     random_flip: bool = True,
     interpolation: str = 'bicubic',
     crop_fraction: float | None = None,
+    random_translate: int = 0,
 ) -> tf.Tensor:
-    """Crop (decode-and-crop for JPEG), resize, flip → uint8 [S, S, 3]."""
+    """Crop (decode-and-crop for JPEG), resize, translate, flip → uint8 [S, S, 3]."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if random_crop:
         image = decode_cropped(
@@ -141,9 +142,22 @@ def preprocess_train(
     else:
         image = decode(data)
     image = resize(image, resolution, interpolation)
+    if random_translate:
+        # A stream of its own, folded from the flip's: turning it on changes no crop or flip.
+        shift_seed = tf.random.experimental.stateless_fold_in(flip_seed, 1)
+        image = translate(image, random_translate, shift_seed)
     if random_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return image
+
+
+def translate(image: tf.Tensor, pixels: int, seed: tf.Tensor) -> tf.Tensor:
+    """Shift [S, S, C] by a uniform random offset in [-pixels, pixels] along each axis, filling
+    the uncovered border with zeros (pad by `pixels`, crop S×S back: the small-image translation
+    of the CIFAR recipes)."""
+    side = int(image.shape[0])
+    padded = tf.pad(image, [[pixels, pixels], [pixels, pixels], [0, 0]])
+    return tf.image.stateless_random_crop(padded, [side, side, image.shape[-1]], seed)
 
 
 def preprocess_eval(

@@ -238,6 +238,7 @@ def test_resolve_checks_types_and_ranges_without_raising_on_them():
     c.model.width = 'wide'
     c.optim.decay_factor = 1.5
     c.data.resolution = 0
+    c.data.random_translate = 1.5
     with pytest.raises(ConfigError) as e:
         resolve(c, device_count=8)
     lines = str(e.value).splitlines()
@@ -247,8 +248,18 @@ def test_resolve_checks_types_and_ranges_without_raising_on_them():
         "config.model.width must be a positive number or None, got 'wide'",
         'config.optim.decay_factor must be a number in (0, 1], got 1.5',
         'config.data.resolution must be a positive integer, got 0',
+        'config.data.random_translate must be an integer >= 0 or None, got 1.5',
     ):
         assert f'  - {text}' in lines
+    c = ml_collections.ConfigDict(smoke.get_config().to_dict(), type_safe=False)
+    c.data.random_translate = c.data.resolution
+    with pytest.raises(ConfigError) as e:
+        resolve(c, device_count=8)
+    assert str(e.value) == (
+        f'invalid config: config.data.random_translate={c.data.resolution} must be below '
+        f'config.data.resolution={c.data.resolution} (a shift of a whole side leaves a blank '
+        'image)'
+    )
 
 
 def test_init_from_shapes_come_from_metadata_and_match_the_arrays(tmp_path):

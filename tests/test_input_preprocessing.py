@@ -84,6 +84,40 @@ def test_flip_is_horizontal():
     assert flipped == {0, 200}
 
 
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``image`` moved down dy and right dx pixels, zeros where nothing moved in."""
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def test_translate_shifts_by_at_most_its_pixels_with_zero_borders():
+    """Each output is the untranslated image shifted by one offset in [-3, 3]² (numpy's shift
+    as the oracle), every offset on each axis occurs, and crops and flips stay as they were."""
+    image = tf.constant(fx.color_image(4, 24, 24) + np.arange(24, dtype=np.uint8)[:, None, None])
+    offsets = set()
+    for s in range(80):
+        seed = tf.constant([s, 5])
+        base = preprocessing.preprocess_train(image, seed, 24, random_crop=False).numpy()
+        got = preprocessing.preprocess_train(
+            image, seed, 24, random_crop=False, random_translate=3
+        ).numpy()
+        assert got.shape == (24, 24, 3) and got.dtype == np.uint8
+        found = [
+            (dy, dx)
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+            if np.array_equal(got, _shifted(base, dy, dx))
+        ]
+        assert len(found) == 1, (s, found)
+        offsets.add(found[0])
+    assert {dy for dy, _ in offsets} == set(range(-3, 4)) == {dx for _, dx in offsets}
+    assert (0, 0) in offsets and len(offsets) > 30
+
+
 @pytest.mark.parametrize('kind', ['gray_jpeg', 'cmyk_jpeg', 'png', 'gray_png', 'rgba_png', 'bmp'])
 def test_formats_decode_to_three_channels(kind):
     rgb = fx.color_image(7, 30, 40)

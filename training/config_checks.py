@@ -65,6 +65,7 @@ _NUMERIC_FIELDS = (
     ('data.resolution', 'int', '(0', None, False),
     ('data.crop_fraction', 'number', '(0', '1]', True),
     ('data.holdout_fraction', 'number', '[0', '1)', False),
+    ('data.random_translate', 'int', '[0', None, True),  # read with .get: may be absent
     ('data.randaugment_layers', 'int', '[0', None, False),
     ('data.randaugment_magnitude', 'number', '[0', None, False),
     ('data.mixup_alpha', 'number', '[0', None, False),
@@ -305,6 +306,13 @@ def problems(
         f'config.optim.weight_decay_mode must be l2 or decoupled, got {o.weight_decay_mode!r}',
     )
     _check_fields(errors, c)
+    shift, side = c.data.get('random_translate'), c.data.resolution
+    _check(
+        errors,
+        not (positive_int(shift) and positive_int(side)) or shift < side,
+        f'config.data.random_translate={shift} must be below config.data.resolution={side} '
+        '(a shift of a whole side leaves a blank image)',
+    )
     _check(
         errors,
         c.total_steps is not None or (_is_number(c.num_epochs) and c.num_epochs > 0),
