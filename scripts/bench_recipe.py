@@ -40,6 +40,7 @@ class BenchRun:
     state_shardings: Any
     init: Any  # jitted: key -> state, in its shardings
     train_step: Any
+    weight_decay_mask: Any
 
 
 def recipe_run(
@@ -104,7 +105,38 @@ def recipe_run(
         compute_dtype=jnp.dtype(dtype),
     )
     init = state_lib.jit_init(state_lib.make_init_fn(model, tx, res, loss_scale), shardings, mesh)
-    return BenchRun(model, mesh, tx, variables, abstract, shardings, init, step)
+    return BenchRun(model, mesh, tx, variables, abstract, shardings, init, step, decay_mask)
+
+
+def update_only_step(run: BenchRun):
+    """The per-parameter part of ``run.train_step`` alone, jitted like it (the state donated):
+    the L2 term's gradient, the optimizer update and the EMA of the weights, for gradients given
+    as an argument. Its compile time is what grows with the number of parameter arrays, whatever
+    the network computes (``--update-compile`` of scripts/benchmark_train.py)."""
+    import jax
+    import optax
+
+    from training import ema as ema_lib
+
+    wd = RECIPE['weight_decay']
+
+    def update(state, grads):
+        grads = jax.tree.map(
+            lambda g, p, m: g + wd * p if m else g, grads, state.params, run.weight_decay_mask
+        )
+        updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_lib.update_ema(state.ema_params, params, state.step + 1, RECIPE['ema_decay'])
+        return state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        )
+
+    return jax.jit(
+        update,
+        in_shardings=(run.state_shardings, run.state_shardings.params),
+        out_shardings=run.state_shardings,
+        donate_argnums=(0,),
+    )
 
 
 def jax_row(name: str, batch: int, res: int, dtype: str) -> dict:

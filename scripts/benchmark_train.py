@@ -4,7 +4,7 @@ largest batch that fits; with ``--memory``, the step's memory with and without r
 
     python scripts/benchmark_train.py [--model b0[,b7,...]] [--batch 16] [--resolution 224]
         [--dtype float32|bfloat16|float16] [--steps 5] [--scan-blocks on|off|both] [--torch]
-        [--max-batch] [--json] [--cache-dir DIR] [--memory]
+        [--max-batch] [--json] [--cache-dir DIR] [--memory] [--update-compile]
 
 Ours is the step ``train.py`` runs with the official recipe of ``configs/base.py`` (forward
 and backward in training mode, label smoothing, L2 weight decay, TF1 RMSProp with the
@@ -28,7 +28,11 @@ each model with and without ``config.model.scan_blocks`` (compile each stage's r
 once).
 
 ``checksums_s`` is the first computation of the state's checksums (tracing, compiling or
-loading, and running the program every checkpoint save runs first).
+loading, and running the program every checkpoint save runs first). ``--update-compile``
+adds ``update_trace_s`` and ``update_compile_s``: the step's per-parameter part alone (the L2
+term's gradient, the optimizer update, the EMA of the weights; ``update_only_step`` in
+``scripts/bench_recipe.py``) traced and compiled after the first step, not run: what grows with
+the number of parameter arrays rather than with what the network computes.
 
 ``--torch`` times the same recipe in PyTorch in the same invocation (``scripts/torch_peer.py``
 says which network and step). ``--max-batch`` and ``--memory`` are described in
@@ -46,7 +50,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The benchmarks' shared pieces: timing and printing, the recipe's step, its memory, the
 # PyTorch peer (each a module of scripts/).
 from bench_memory import max_batch_jax, memory_jax  # noqa: E402
-from bench_recipe import RECIPE, jax_row, peak_mem_gib, recipe_run, synthetic_batch, trace_lower  # noqa: E402
+from bench_recipe import (  # noqa: E402
+    RECIPE,
+    jax_row,
+    peak_mem_gib,
+    recipe_run,
+    synthetic_batch,
+    trace_lower,
+    update_only_step,
+)
 from benchmark_model import _time, benchmark_parser, report  # noqa: E402
 from torch_peer import bench_torch, max_batch_torch  # noqa: E402
 
@@ -61,6 +73,7 @@ def bench_jax(
     steps: int,
     cache_dir: str,
     scan_blocks: bool | None,
+    update_compile: bool = False,
 ) -> dict:
     import jax
 
@@ -94,6 +107,11 @@ def bench_jax(
     from efficientnet.weights import train_state
 
     timed('checksums_s', lambda: train_state.device_digests(state))
+    if update_compile:  # the step's per-parameter part alone, traced and compiled (not run)
+        grads = jax.tree.map(jax.numpy.zeros_like, state.params)
+        update = update_only_step(run)
+        lowered = timed('update_trace_s', lambda: trace_lower(update, state, grads))
+        timed('update_compile_s', lowered.compile)
 
     box = [state]
 
@@ -142,6 +160,7 @@ def bench_jax_cold_warm(args, name: str, res: int, scan_blocks: bool | None) -> 
     import tempfile
 
     scan = ['--scan-blocks', {None: 'auto', True: 'on', False: 'off'}[scan_blocks]]
+    scan += ['--update-compile'] if args.update_compile else []
     with tempfile.TemporaryDirectory(prefix='xla_cache_') as cache:
         return [
             {'cache': cache_state, **_child_rows(args, name, res, cache, *scan)[0]}
@@ -152,7 +171,7 @@ def bench_jax_cold_warm(args, name: str, res: int, scan_blocks: bool | None) -> 
 def depth_ratios(rows: list[dict]) -> list[dict]:
     """Each model's times relative to the first model's, per cache state and scan setting."""
     out = []
-    keys = ('time_to_first_step_s', 'trace_s', 'compile_s', 'first_run_s')
+    keys = ('time_to_first_step_s', 'trace_s', 'compile_s', 'first_run_s', 'update_compile_s')
     jax_rows = [r for r in rows if r.get('framework') == 'jax']
     first_model = jax_rows[0]['model']
     for r in jax_rows:
@@ -170,7 +189,7 @@ def depth_ratios(rows: list[dict]) -> list[dict]:
                 'ratio': f'{r["model"]} / {first_model}',
                 'cache': r.get('cache', 'given'),
                 'scan_blocks': r['scan_blocks'],
-                **{k.removesuffix('_s'): r[k] / base[k] for k in keys},
+                **{k.removesuffix('_s'): r[k] / base[k] for k in keys if k in r},
             }
         )
     return out
@@ -207,6 +226,12 @@ def main(argv=None) -> int:
         action='store_true',
         help='compile the step with and without remat and report its memory analysis '
         '(nothing runs; no timing)',
+    )
+    p.add_argument(
+        '--update-compile',
+        action='store_true',
+        help="also trace and compile the step's per-parameter part alone (optimizer, EMA, L2 "
+        'gradient) and report its times',
     )
     args = p.parse_args(argv)
 
@@ -245,7 +270,16 @@ def main(argv=None) -> int:
         for scan in [] if args.torch_only else scans:
             if args.cache_dir:
                 rows.append(
-                    bench_jax(name, args.batch, res, args.dtype, args.steps, args.cache_dir, scan)
+                    bench_jax(
+                        name,
+                        args.batch,
+                        res,
+                        args.dtype,
+                        args.steps,
+                        args.cache_dir,
+                        scan,
+                        args.update_compile,
+                    )
                 )
             else:
                 rows += bench_jax_cold_warm(args, name, res, scan)

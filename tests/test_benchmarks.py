@@ -61,13 +61,13 @@ def test_recipe_run_compiles_to_the_step_of_the_base_config(dtype):
 @pytest.mark.slow  # a tiny model's state initialisation and train step compile: ~1 min idle
 def test_benchmark_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
     """The script on a tiny model, in a Python where TensorFlow, tfds, clu, ml_collections and
-    Keras cannot be imported: it reports the time to the first step in parts and the step's
-    speed."""
+    Keras cannot be imported: it reports the time to the first step in parts, the step's
+    speed and (``--update-compile``) the compile time of the step's per-parameter part."""
     poison = f'import sys; sys.modules.update(dict.fromkeys({MISSING_ON_GPU_IMAGE!r}))'
     run = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     env = dict(os.environ, EFFICIENTNET_TCMALLOC='0', XLA_FLAGS='', JAX_PLATFORMS='cpu')
     args = ['--model', 'tiny', '--batch', '2', '--resolution', '32', '--steps', '1']
-    args += ['--cache-dir', str(tmp_path / 'cache'), '--json']
+    args += ['--cache-dir', str(tmp_path / 'cache'), '--json', '--update-compile']
     script = os.path.join(ROOT, 'scripts', 'benchmark_train.py')
     p = subprocess.run(
         [sys.executable, '-c', f'{poison}; {run}', script, *args],
@@ -84,6 +84,7 @@ def test_benchmark_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
         assert r['model'] == 'efficientnet-tiny' and r['batch'] == 2 and r['backend'] == 'cpu'
         parts = r['trace_s'] + r['compile_s'] + r['first_run_s']
         assert 0 < parts <= r['time_to_first_step_s'] and r['train_img_s'] > 0
+        assert 0 < r['update_compile_s'] < r['step_compile_s'] and r['update_trace_s'] > 0
 
 
 @pytest.mark.parametrize('fits_below', [1, 5, 37, 1000])
