@@ -14,7 +14,7 @@ from configs import quickstart
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = quickstart.small_config()
     config.dropblock.keep_prob = 0.9  # reached at the last step, from 1.0 at step 0
     config.dropblock.block_size = 2
     config.dropblock.stages = (-4, -3)

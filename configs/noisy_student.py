@@ -13,7 +13,7 @@ from configs import quickstart
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = quickstart.small_config()
     config.data.train_split = 'train[:10%]'  # the driver sets it from noisy_student.labeled_split
     # The teacher: 46 steps per epoch on the labeled split, 2,300 steps, with the students'
     # dropout and stochastic depth (noised in training, as in the paper; never when it labels).

@@ -2,7 +2,8 @@
 polynomial schedule raises the sparsity of every conv and dense kernel from 0 to 75%
 (docs/techniques.md). Pass the dense model with --config.init_from, as below.
 
-    python train.py --config=configs/quickstart.py --workdir=/tmp/fmnist_dense
+    python train.py --config=configs/quickstart.py --workdir=/tmp/fmnist_dense \
+        --config.data.resolution=32 --config.num_epochs=15
     python train.py --config=configs/prune.py --workdir=/tmp/fmnist_pruned75 \
         --config.init_from=/tmp/fmnist_dense
 """
@@ -11,7 +12,7 @@ from configs import quickstart
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = quickstart.small_config()
     config.num_epochs = 3.0  # 1404 updates at batch 128
     config.optim.base_learning_rate = 0.008  # a fine-tune: a quarter of the quickstart rate
     config.optim.warmup_epochs = 0.0

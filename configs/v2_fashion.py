@@ -1,5 +1,5 @@
 """Progressive learning measured on Fashion-MNIST: a narrow EfficientNetV2-B0 (width = depth =
-0.5) with the quickstart's data and schedule (configs/quickstart.py), 6 epochs, evaluated
+0.5) with the data and schedule of configs/quickstart.py's small_config(), 6 epochs, evaluated
 every epoch at 32 px, trained in 4 stages at 20, 24, 28 and 32 px (the official rule from
 16 px). ``--config.progressive.stages=1`` trains every step at 32 px: the same run without
 progressive learning.
@@ -16,7 +16,7 @@ from configs import quickstart
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = quickstart.small_config()
     config.model.name = 'efficientnetv2-b0'
     config.model.width = 0.5
     config.model.depth = 0.5

@@ -1,6 +1,7 @@
 """Quantisation-aware training of a trained workdir to a fully int8 TFLite model.
 
-    python train.py --config=configs/quickstart.py --workdir=/tmp/fmnist_dense
+    python train.py --config=configs/quickstart.py --workdir=/tmp/fmnist_dense \
+        --config.data.resolution=32 --config.num_epochs=15
     python scripts/qat.py --config=configs/qat.py --workdir=/tmp/fmnist_qat \
         --config.qat.init_from=/tmp/fmnist_dense
 
