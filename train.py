@@ -18,6 +18,8 @@ if __name__ == '__main__':  # before the heavy imports: may re-execute under tcm
     from training.allocator import use_tcmalloc
 
     use_tcmalloc()
+    # Importing it quiets TensorFlow's start-up lines, which clu's import would print.
+    from efficientnet import cli  # noqa: F401
 
 import logging as py_logging
 import os

@@ -9,17 +9,26 @@ refused as unsafe. It is printed as ``error: <message>`` (a message listing seve
 keeps one line per problem) and ends the process with ``EXIT_USER_ERROR``; ``--verbose`` prints
 the traceback as well. Any other exception is a bug and keeps its traceback (exit status 1).
 
+Importing this module also makes the process's first ``import tensorflow`` quiet
+(``quiet_import``), so that a tool's one line is not preceded by TensorFlow's
+start-up lines.
+
 Standard library only, so that it can be imported before anything heavy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.abc
+import importlib.util
+import os
 import pickle
 import re
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 EXIT_USER_ERROR = 2  # argparse's status for a bad command line; the same for every bad input
@@ -127,3 +136,85 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f'{message} (see {self.prog} --help)')
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """File descriptor 2 (what native code writes to as well as ``sys.stderr``) goes to a
+    temporary file; its text is dropped, or written back to stderr if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                os.write(2, captured.read())
+                raise
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs another loader's ``exec_module`` with stderr captured, then steps aside."""
+
+    def __init__(self, loader: Any, finder: _QuietImport):
+        self._loader = loader
+        self._finder = finder
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self._loader
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self._finder)  # loaded once; later imports find it as usual
+        with _native_stderr_captured():
+            self._loader.exec_module(module)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds one top-level package with the other finders and hands out its spec with a
+    _QuietLoader. It stays in place until the package is executed: a ``find_spec`` that only
+    asks whether the package is installed (opt_einsum's does, for tensorflow) loads nothing."""
+
+    def __init__(self, package: str):
+        self.package = package
+        self._finding = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.package or self._finding:
+            return None
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader, self)
+        return spec
+
+
+def quiet_import(package: str) -> None:
+    """Make the first import of the top-level ``package`` in this process (from any module)
+    write nothing to stderr unless it fails, when what it wrote is shown. Does nothing once the
+    package is imported, or where it is not installed (the import then fails as usual).
+
+    For tensorflow, called below: on some CPUs (Intel's, where it turns on its oneDNN ops) its
+    native code logs "oneDNN custom operations are on" and absl's "All log messages before
+    absl::InitializeLog() ..." straight to file descriptor 2 while it loads, before its logging
+    is set up, so ``TF_CPP_MIN_LOG_LEVEL`` does not hide them."""
+    if package in sys.modules:
+        return
+    if not any(isinstance(f, _QuietImport) and f.package == package for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport(package))
+
+
+quiet_import('tensorflow')

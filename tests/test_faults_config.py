@@ -300,6 +300,41 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+def test_a_quiet_import_drops_what_loading_wrote_to_stderr_unless_it_fails(tmp_path):
+    """efficientnet.cli.quiet_import: writes to file descriptor 2 while a package loads (as
+    TensorFlow's native start-up notices on Intel CPUs, which TF_CPP_MIN_LOG_LEVEL does not
+    hide) are dropped; a load that fails shows them. Asking whether a package is installed
+    loads nothing and keeps the import quiet for later."""
+    for name, tail in (('noisy_ok', ''), ('noisy_bad', "raise ImportError('broken')\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / '__init__.py').write_text(
+            f"import os\nos.write(2, b'{name}: native start-up line\\n')\n{tail}"
+        )
+    code = (
+        'import importlib.util, sys\n'
+        'from efficientnet import cli\n'
+        "cli.quiet_import('noisy_ok'); cli.quiet_import('noisy_bad')\n"
+        "assert importlib.util.find_spec('noisy_ok') is not None\n"
+        'import noisy_ok\n'
+        "print(sum(getattr(f, 'package', None) == 'noisy_ok' for f in sys.meta_path))\n"
+        'try:\n'
+        '    import noisy_bad\n'
+        'except ImportError as e:\n'
+        "    print('failed:', e)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, '-c', code],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT])),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ['0', 'failed: broken']
+    assert 'noisy_ok: native start-up line' not in p.stderr
+    assert p.stderr.count('noisy_bad: native start-up line') == 1, p.stderr
+
+
 def test_eval_and_predict_refuse_an_unsafe_pickle_in_one_line(tools_env, unsafe_pth, capsys):
     rc = predict_script.main(['x.jpg', '--weights', unsafe_pth, '--model', 'b0'])
     line = _one_error_line(capsys.readouterr().err)

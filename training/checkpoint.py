@@ -55,18 +55,30 @@ SKIPPED = '.skipped-'  # '<step>.skipped-<why>': orbax's step listing ignores su
 # Only slices of at least this many bytes are written that way; smaller arrays are written
 # whole by one replica, as orbax does when replica-parallel is off.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(
-        # The default handler's per-host array metadata store (not exported by orbax), so the
-        # files written stay the same.
-        array_metadata_store=getattr(
-            ocp.type_handlers.get_type_handler(jax.Array), '_array_metadata_store', None
-        ),
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
-    ),
-    override=True,
-)
+
+
+def _register_array_handler() -> None:
+    absl_logger = logging.getLogger('absl')  # orbax warns on the console that it overrides
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(
+                # The default handler's per-host array metadata store (not exported by orbax),
+                # so the files written stay the same.
+                array_metadata_store=getattr(
+                    ocp.type_handlers.get_type_handler(jax.Array), '_array_metadata_store', None
+                ),
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+            ),
+            override=True,
+        )
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):
