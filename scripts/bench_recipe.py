@@ -117,13 +117,13 @@ def update_only_step(run: BenchRun):
     import optax
 
     from training import ema as ema_lib
+    from training import optim
 
     wd = RECIPE['weight_decay']
 
     def update(state, grads):
-        grads = jax.tree.map(
-            lambda g, p, m: g + wd * p if m else g, grads, state.params, run.weight_decay_mask
-        )
+        l2 = jax.grad(lambda p: wd * optim.l2_penalty(p, run.weight_decay_mask))(state.params)
+        grads = jax.tree.map(lambda g, d: g + d, grads, l2)
         updates, opt_state = run.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_lib.update_ema(state.ema_params, params, state.step + 1, RECIPE['ema_decay'])
