@@ -47,6 +47,7 @@ from training import (
 )
 from training import checkpoint as ckpt_lib
 from training import run as run_lib
+from training import state as state_lib
 from training.metrics import EvalAccumulator
 
 FLAGS = flags.FLAGS
@@ -96,7 +97,8 @@ def _init_state(run: run_lib.Run, ckpt: ckpt_lib.Checkpointer) -> tuple[Any, dic
         return state, data_state
     state = run.init_state()
     if config.init_from:
-        pre = ckpt_lib.load_pretrained(config.init_from)
+        # Per block as saved; the run's state may hold each stage's repeats stacked.
+        pre = state_lib.stacked_like(ckpt_lib.load_pretrained(config.init_from), state.params)
         params, fresh = ckpt_lib.merge_pretrained(state.params, pre['params'])
         stats, fresh_bs = ckpt_lib.merge_pretrained(state.batch_stats, pre['batch_stats'])
         # config_resolve checked this before anything compiled; the file may have changed since.

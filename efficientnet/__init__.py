@@ -27,7 +27,7 @@ from efficientnet.arch import (
     round_repeats,
 )
 from efficientnet.layers import DEPTHWISE_IMPLS, PADDINGS, resolve_scan_blocks
-from efficientnet.model import EfficientNet
+from efficientnet.model import EfficientNet, stack_blocks, stacked_runs, unstack_blocks
 
 __version__ = '0.1.0'
 
@@ -166,4 +166,7 @@ __all__ = [
     'round_filters',
     'round_repeats',
     'scaled_variant',
+    'stack_blocks',
+    'stacked_runs',
+    'unstack_blocks',
 ]

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -192,6 +193,108 @@ def scan_runs(blocks: list[arch.BlockSpec], ends: Iterable[int] = ()) -> list[li
     return runs
 
 
+# The train state's layout (training/state.py): with ``scan_blocks`` the repeats of each stage
+# are stored stacked, as the scan computes them, under one name per run of blocks; checkpoints,
+# weight files and ``model.init`` keep one subtree per block. The two convert losslessly.
+_STACKED = re.compile(r'blocks_(\d+)_to_(\d+)$')
+
+
+def _indices(run: Sequence[arch.BlockSpec] | Sequence[int]) -> list[int]:
+    return [getattr(b, 'index', b) for b in run]
+
+
+def stacked_name(run: Sequence[arch.BlockSpec] | Sequence[int]) -> str:
+    """The name of the stacked variables of ``run`` (block specs or indices):
+    'blocks_<first>_to_<last>'."""
+    indices = _indices(run)
+    return f'blocks_{indices[0]}_to_{indices[-1]}'
+
+
+def stacked_range(name: Any) -> range | None:
+    """The block indices that a stacked name holds, or None for any other name."""
+    m = _STACKED.match(str(name))
+    return range(int(m.group(1)), int(m.group(2)) + 1) if m else None
+
+
+def stacked_runs(model: EfficientNet) -> list[list[arch.BlockSpec]]:
+    """The runs of blocks that ``model`` computes with one scan, whose variables the train
+    state stores stacked: none without ``scan_blocks``; never a stage with DropBlock (it runs
+    block by block in training)."""
+    if not model.scan_blocks:
+        return []
+    blocks = model.blocks
+    num_stages = max(spec.stage for spec in blocks) + 1
+    dropblock = dropblock_lib.resolve_stages(model.dropblock_stages, num_stages)
+    runs = scan_runs(blocks, arch.endpoint_blocks(blocks))
+    return [run for run in runs if len(run) > 1 and run[0].stage not in dropblock]
+
+
+def _is_block_dict(names: set[str]):
+    return lambda d: isinstance(d, dict) and any(n in d for n in names)
+
+
+def stack_blocks(tree: Any, runs: Sequence[Sequence[arch.BlockSpec] | Sequence[int]]) -> Any:
+    """``tree`` (variables, a train state, optimizer state: any pytree) with the per-block
+    subtrees of each run in ``runs`` (``stacked_runs``, or runs of block indices) replaced, in
+    every dict that holds them, by one subtree of their leaves stacked on a new leading axis
+    (``stacked_name``)."""
+    runs = [_indices(run) for run in runs]
+    firsts = {f'blocks_{run[0]}' for run in runs}
+
+    def convert(d):
+        if not _is_block_dict(firsts)(d):
+            return d
+        d = dict(d)
+        for run in runs:
+            names = [f'blocks_{i}' for i in run]
+            parts = [d.get(n) for n in names]
+            shapes = [jax.tree.map(jnp.shape, p) for p in parts]
+            if all(p is not None for p in parts) and all(t == shapes[0] for t in shapes):
+                for n in names:
+                    del d[n]
+                d[stacked_name(run)] = jax.tree.map(lambda *a: jnp.stack(a), *parts)
+            # else (another model's variables): left per block, for the caller to report
+        return d
+
+    return jax.tree.map(convert, tree, is_leaf=_is_block_dict(firsts))
+
+
+def _take(leaf: Any, j: int) -> Any:
+    """Block ``j`` of a stacked leaf: an array, a ShapeDtypeStruct or a NamedSharding."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = _take(sharding, j)
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*leaf.spec[1:]))
+    return leaf[j]
+
+
+def unstack_blocks(tree: Any) -> Any:
+    """The inverse of ``stack_blocks``: every stacked subtree (found by its name) split back
+    into one subtree per block, in block order. Takes arrays, shapes (ShapeDtypeStruct) and
+    shardings (NamedSharding) alike."""
+
+    def has(d):
+        return isinstance(d, dict) and any(stacked_range(k) is not None for k in d)
+
+    def convert(d):
+        if not has(d):
+            return d
+        out = {}
+        for k, v in d.items():
+            indices = stacked_range(k)
+            if indices is None:
+                out[k] = v
+                continue
+            for j, i in enumerate(indices):
+                out[f'blocks_{i}'] = jax.tree.map(lambda a, j=j: _take(a, j), v)
+        return out
+
+    return jax.tree.map(convert, tree, is_leaf=has)
+
+
 class EfficientNet(nn.Module):
     """EfficientNet / EfficientNet-Lite / EfficientNetV2.
 
@@ -213,10 +316,14 @@ class EfficientNet(nn.Module):
     ``scan_blocks=True`` computes the repeats of each stage (the blocks after its first, which
     keep their input's shape) with one ``jax.lax.scan`` over their stacked variables, each
     block's stochastic-depth rate and dropout key as scanned inputs: XLA compiles one block
-    body per stage instead of every block, so compile time stops growing with depth. The
-    variables stay one subtree per block (``blocks_<i>``, as without it; they are stacked
-    inside the call and the gradients flow back to each block's leaves), initialisation is the
-    same, and outputs and gradients equal the unscanned model's within float32 rounding.
+    body per stage instead of every block, so compile time stops growing with depth. It takes
+    the variables one subtree per block (``blocks_<i>``, what ``init`` returns, checkpoints and
+    weight files hold; stacked inside the call, the gradients flow back to each block's leaves)
+    or with each run of repeats already stacked (``stack_blocks``: ``blocks_<i>_to_<j>``, the
+    train state's layout, which saves the stacking and the per-block optimizer updates from
+    the compiled step). Initialisation is the same either way (each run of repeats is
+    initialised by one vmapped block, ``_init_run``), and outputs and gradients equal the
+    unscanned model's within float32 rounding.
     """
 
     variant: arch.Variant
@@ -302,13 +409,23 @@ class EfficientNet(nn.Module):
         if train and self.dropblock_stages and dropblock_keep_prob is not None:
             num_stages = max(spec.stage for spec in blocks) + 1
             dropblock_stages = dropblock_lib.resolve_stages(self.dropblock_stages, num_stages)
+        params = self.variables.get('params', {})
         for run in scan_runs(blocks, names):
-            # Initialisation creates each block's variables the usual way (same values). A stage
-            # with DropBlock after each block runs unscanned.
+            # A stage with DropBlock after each block runs unscanned. Initialisation gives the
+            # repeats of a stage the same values scanned or not (``_init_run``).
             scan = self.scan_blocks and len(run) > 1 and run[0].stage not in dropblock_stages
-            if scan and not self.is_initializing():
-                template = kinds[run[0].fused](run[0], *options, parent=None)
+            template = kinds[run[0].fused](run[0], *options, parent=None)
+            if len(run) > 1 and self.is_initializing():
+                self._init_run(run, x, template)  # the run keeps its input's shape
+            elif scan:
                 x = self._scan_run(run, x, train, template)
+            elif stacked_name(run) in params:
+                raise ValueError(
+                    f'the variables hold blocks {run[0].index}-{run[-1].index} stacked '
+                    f"({stacked_name(run)}, the train state's layout), which only a model with "
+                    'scan_blocks=True computes outside DropBlock stages; convert them with '
+                    'efficientnet.unstack_blocks(variables)'
+                )
             else:
                 for spec in run:
                     block = blocks_of[spec.fused]
@@ -338,20 +455,35 @@ class EfficientNet(nn.Module):
             return endpoints
         return x
 
+    def _init_run(self, run: list[arch.BlockSpec], x: Array, template: nn.Module) -> None:
+        """Creates the variables of the blocks of ``run`` (see ``scan_runs``), each under its
+        own name: ``template`` (an unbound block of the run's shape) initialised once, vmapped
+        over one key per block (split from a key of this module). One compiled initialisation per
+        run instead of per block, scanned or not, so the values do not depend on
+        ``scan_blocks``."""
+        keys = jax.random.split(self.make_rng('params'), len(run))
+        stacked = jax.vmap(lambda k: template.init({'params': k}, x, False))(keys)
+        for j, spec in enumerate(run):
+            for col, tree in stacked.items():
+                block = jax.tree.map(lambda a, j=j: a[j], tree)
+                self.put_variable(col, f'blocks_{spec.index}', block)
+
     def _scan_run(self, run: list[arch.BlockSpec], x: Array, train: bool, template: nn.Module):
         """``x`` through the blocks of ``run`` (see ``scan_runs``) as one ``jax.lax.scan`` of
         ``template`` (an unbound block of the run's shape) over the blocks' stacked variables,
-        stochastic-depth rates and dropout keys; writes their new BatchNorm statistics back to
-        each block's own subtree."""
+        stochastic-depth rates and dropout keys. The variables are either stacked already (the
+        train state's layout, ``stack_blocks``: one subtree named by ``stacked_name``) or one
+        subtree per block, stacked here; the new BatchNorm statistics go back in the same
+        layout."""
         names = [f'blocks_{spec.index}' for spec in run]
         stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-        xs = {
-            'variables': {
-                col: stack([tree[n] for n in names])
-                for col, tree in self.variables.items()
-                if col in ('params', 'batch_stats')
-            }
-        }
+        cols = {c: t for c, t in self.variables.items() if c in ('params', 'batch_stats')}
+        stacked = stacked_name(run)
+        is_stacked = stacked in cols.get('params', {})
+        if is_stacked:
+            xs = {'variables': {c: t[stacked] for c, t in cols.items()}}
+        else:
+            xs = {'variables': {c: stack([t[n] for n in names]) for c, t in cols.items()}}
         drop = train and run[0].survival < 1.0  # each block draws its own key, as unscanned
         if drop:
             xs['survival'] = jnp.asarray([spec.survival for spec in run], jnp.float32)
@@ -367,10 +499,24 @@ class EfficientNet(nn.Module):
         if self.remat:  # as nn.remat per block: keep only each block's input
             body = jax.checkpoint(body, prevent_cse=False)
         x, new_stats = jax.lax.scan(body, x, xs)
-        if mutable:
+        if mutable and is_stacked:
+            self.put_variable('batch_stats', stacked, new_stats)
+        elif mutable:
             for j, n in enumerate(names):
                 self.put_variable('batch_stats', n, jax.tree.map(lambda a, j=j: a[j], new_stats))
         return x
 
 
-__all__ = ['EfficientNet', 'FusedMBConv', 'MBConv', 'SqueezeExcite', 'drop_path', 'scan_runs']
+__all__ = [
+    'EfficientNet',
+    'FusedMBConv',
+    'MBConv',
+    'SqueezeExcite',
+    'drop_path',
+    'scan_runs',
+    'stack_blocks',
+    'stacked_name',
+    'stacked_range',
+    'stacked_runs',
+    'unstack_blocks',
+]

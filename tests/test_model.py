@@ -15,7 +15,7 @@ import pytest
 
 import efficientnet
 from efficientnet import arch
-from efficientnet.model import drop_path, scan_runs
+from efficientnet.model import drop_path, scan_runs, stacked_name
 from training.compilation import CPU_INIT_COMPILER_OPTIONS
 
 
@@ -306,6 +306,17 @@ def test_scanned_blocks_keep_variables_outputs_and_gradients():
     )
     close(eval_scanned(v, x), eval_plain(v, x), 1e-6)  # unscanned variables, scanned model
     close(eval_plain(v_scanned, x), eval_scanned(v_scanned, x), 1e-6)  # and the other way
+    # The train state's layout: each run of repeats stacked, converted back without loss; the
+    # scanned model computes the same from it, the unscanned one refuses it in one line.
+    stacked = efficientnet.stack_blocks(v, efficientnet.stacked_runs(scanned))
+    assert [k for k in stacked['params'] if '_to_' in k] == [stacked_name(r) for r in long_runs]
+    assert efficientnet.stacked_runs(plain) == []
+    back = efficientnet.unstack_blocks(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(v)
+    jax.tree.map(np.testing.assert_array_equal, back, v)
+    close(eval_scanned(stacked, x), eval_plain(v, x), 1e-6)
+    with pytest.raises(ValueError, match=r'stacked .*efficientnet.unstack_blocks'):
+        plain.apply(stacked, x)
 
     step = lambda fn: jax.jit(jax.value_and_grad(fn, has_aux=True))(v['params'])
     count = lambda fn: sum(e.primitive.name == 'scan' for e in jax.make_jaxpr(fn)(v['params']).eqns)
@@ -318,3 +329,11 @@ def test_scanned_blocks_keep_variables_outputs_and_gradients():
     losses = [_train_loss(m, v, x, labels) for m in (plain, scanned, both)]
     assert [count(fn) for fn in losses] == [0, len(long_runs), len(long_runs)]
     close(step(losses[1]), step(losses[0]), 1e-3)
+    # From the stacked layout: the same loss, and gradients and statistics stacked the same way.
+    (loss_s, (logits_s, stats_s)), grads_s = jax.jit(
+        jax.value_and_grad(_train_loss(scanned, stacked, x, labels), has_aux=True)
+    )(stacked['params'])
+    (loss_p, (logits_p, stats_p)), grads_p = step(losses[0])
+    per_block = efficientnet.unstack_blocks
+    close((loss_s, logits_s, per_block(stats_s), per_block(grads_s)),
+          (loss_p, logits_p, stats_p, grads_p), 1e-3)  # fmt: skip

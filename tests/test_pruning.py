@@ -186,3 +186,24 @@ def test_exports_keep_the_pruned_zeros():
         exported = sum(int(np.sum(w == 0)) for w in weights)
         assert exported == zeros, f'{fmt}: {exported} zeros exported, {zeros} pruned'
     assert relative_diff(ex.run_tflite(data, images)['logits'], ref) < 1e-4
+
+
+def test_stacked_blocks_keep_a_mask_each():
+    """With ``scan_blocks`` the train state holds a stage's repeated blocks stacked: each block
+    still keeps its own top k, not the top k of the stack (the blocks here differ in scale, so
+    one threshold for the stack would prune the small block away)."""
+    rng = np.random.default_rng(0)
+    w = (
+        rng.normal(size=(3, 3, 3, 4, 8)).astype(np.float32)
+        * np.array([1.0, 10.0, 0.1])[:, None, None, None, None]
+    )
+    params = {'blocks_3_to_5': {'expand_conv': {'kernel': w}}, 'head': {'kernel': w[0, 0, 0]}}
+    masks = pruning_lib.update_masks(params, pruning_lib.init_masks(params), 0.5)
+    got = np.asarray(masks['blocks_3_to_5']['expand_conv']['kernel'])
+    for j in range(3):
+        np.testing.assert_array_equal(got[j], pruning_lib.topk_mask(w[j], 0.5))
+        assert got[j].sum() == w[j].size // 2
+    whole = np.asarray(pruning_lib.topk_mask(w, 0.5))
+    assert whole[2].sum() < got[2].sum()
+    head = np.asarray(masks['head']['kernel'])
+    np.testing.assert_array_equal(head, pruning_lib.topk_mask(w[0, 0, 0], 0.5))

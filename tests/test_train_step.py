@@ -223,3 +223,65 @@ def test_fsdp_step_equals_data_parallel_step(eight_device_run):
                 a, b, atol=tol, rtol=tol, err_msg=f'{field}{jax.tree_util.keystr(path)}'
             )
     np.testing.assert_allclose(np.asarray(metrics['loss']), r['metrics']['loss'], rtol=1e-5)
+
+
+@pytest.mark.slow  # two small training steps compiled, scanned and not: about a minute
+def test_a_stacked_train_state_steps_saves_and_restores_as_the_per_block_one(tmp_path):
+    """With ``scan_blocks`` the train state holds each stage's repeated blocks stacked
+    (``blocks_<i>_to_<j>``): it is the unscanned run's state rearranged (initialisation equal
+    bit for bit, optimizer state and EMA included), a step moves it as the unscanned step moves
+    its own (within float32 rounding), and a checkpoint holds it per block (what the weight
+    readers and ``init_from`` read), restored into the stacked layout bit for bit."""
+    from efficientnet.model import stacked_range
+    from efficientnet.weights import train_state
+    from training import state as state_lib
+
+    mesh = sharding.create_mesh(1, devices=jax.devices()[:1])
+    runs = {
+        scan: run_lib.create_run(_config(depth=1.0, scan_blocks=scan), mesh=mesh)
+        for scan in (False, True)
+    }
+    states = {scan: run.init_state(0) for scan, run in runs.items()}
+    stacked = [k for k in states[True].params if stacked_range(k)]
+    assert sorted(stacked) == ['blocks_12_to_14', 'blocks_6_to_7', 'blocks_9_to_10']
+    assert not any('_to_' in k for k in states[False].params)
+    assert states[True].params['blocks_12_to_14']['expand_conv']['kernel'].shape[0] == 3
+    as_blocks = _host(state_lib.per_block(states[True]))
+    plain = _host(states[False])
+    assert jax.tree.structure(as_blocks) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, as_blocks, plain)
+    # The repeats of a run are initialised from keys of their own.
+    kernels = as_blocks.params
+    assert not np.array_equal(kernels['blocks_6']['expand_conv']['kernel'],
+                              kernels['blocks_7']['expand_conv']['kernel'])  # fmt: skip
+    back = state_lib.stacked_like(as_blocks, runs[True].abstract_state)
+    jax.tree.map(np.testing.assert_array_equal, back, _host(states[True]))
+
+    batch = sharding.global_batch(_batch(runs[True].config), mesh)
+    stepped = {scan: run.train_step(states[scan], batch)[0] for scan, run in runs.items()}
+    ours, ref = _host(state_lib.per_block(stepped[True])), _host(stepped[False])
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params, plain.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+    for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+        # Stochastic depth divides by a traced rate in the scan (tests/test_model.py): the
+        # gradients agree within 1e-3, and RMSProp's second moment holds their squares.
+        tol = 1e-3 if field == 'opt_state' else 1e-4
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
+            jax.tree.leaves(getattr(ref, field)),
+        ):
+            np.testing.assert_allclose(
+                a, b, atol=tol, rtol=tol, err_msg=f'{field}{jax.tree_util.keystr(path)}'
+            )
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_best=False, async_save=False)
+    ckpt.save(1, stepped[True])
+    ckpt.close()
+    saved = train_state.read_variables(str(tmp_path / 'checkpoints' / '1'))
+    assert jax.tree.structure(saved['params']) == jax.tree.structure(ours.ema_params)
+    jax.tree.map(np.testing.assert_array_equal, saved['params'], ours.ema_params)
+    restored, _ = checkpoint.Checkpointer(str(tmp_path)).restore(
+        runs[True].abstract_state, runs[True].state_shardings
+    )
+    assert jax.tree.structure(restored) == jax.tree.structure(stepped[True])
+    jax.tree.map(np.testing.assert_array_equal, _host(restored), _host(stepped[True]))

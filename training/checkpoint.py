@@ -4,7 +4,10 @@ by ``efficientnet.weights``, which knows this layout).
 
 Layout under the workdir::
 
-    checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding)
+    checkpoints/<step>/state        the TrainState (global jax.Arrays, any sharding), one
+                                    subtree per block even where the run's state holds a
+                                    stage's repeats stacked (``scan_blocks``; converted both
+                                    ways here, losslessly)
     checkpoints/<step>/checksums    a digest of every array of it (efficientnet.weights.train_state)
     checkpoints/<step>/data         the train stream's state (JSON: format version, step, seed,
                                     examples, global batch; the same for every process)
@@ -41,8 +44,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficientnet import model as efficientnet_model
 from efficientnet import paths, weights
 from efficientnet.weights import train_state
+from training import state as state_lib
 from training.state import TrainState
 
 DATA_ITEM = 'data'  # the train stream's state, saved with each latest step
@@ -93,6 +98,14 @@ class _Damaged(Exception):
     def __init__(self, tag: str, why: str):
         super().__init__(why)
         self.tag = tag
+
+
+def _holds_stacked(params: Any) -> bool:
+    return any(efficientnet_model.stacked_range(k) is not None for k in params)
+
+
+# The per-block copy of a state whose runs of blocks are stacked (one compile per run).
+_PER_BLOCK = jax.jit(state_lib.per_block)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -162,6 +175,12 @@ class Checkpointer:
         return [self.latest] + ([self.best] if self.best is not None else [])
 
     # -- saving ---------------------------------------------------------------------------
+    @staticmethod
+    def _per_block(state: TrainState) -> TrainState:
+        """``state`` as checkpoints hold it: with each stacked run of blocks split into one
+        subtree per block (a jitted copy, freed once the save has it on the host)."""
+        return _PER_BLOCK(state) if _holds_stacked(state.params) else state
+
     def _checksums(self, step: int, state: TrainState) -> dict:
         """The checksums of ``state``; NonFiniteStateError if any array is not finite."""
         if self._checked is not None and self._checked[0] == step:
@@ -213,6 +232,7 @@ class Checkpointer:
         CheckpointError if this save or the previous one failed."""
         if step in self.latest.all_steps():
             return
+        state = self._per_block(state)
         # Orbax names its multi-host barriers by step (and some not at all), not by manager:
         # two managers saving at once collide across processes ("barrier ... is already
         # ongoing"). One manager's save must finish before the other's starts. Waiting for both
@@ -225,6 +245,7 @@ class Checkpointer:
         """Offers ``state`` as the best checkpoint; orbax keeps it only if top-1 improved."""
         if self.best is None or step in self.best.all_steps():
             return
+        state = self._per_block(state)
         self._wait(self.latest)  # see save(): never two managers in flight
         self._start(self.best, step, state, metrics={'top1': float(top1)})
 
@@ -289,7 +310,10 @@ class Checkpointer:
         describe a different mesh than the one that saved it; returns (state, data_state), or
         None if the workdir holds no checkpoint. Each damaged step on the way is renamed
         ``<step>.skipped-<why>`` with one warning line; CheckpointError if none restores."""
+        stacked = _holds_stacked(abstract_state.params)
         target = _abstract(abstract_state, shardings)
+        if stacked:  # read per block (the saved layout), stack into the run's shardings
+            target = state_lib.per_block(target)
         skipped = []
         for step in sorted(self.latest.all_steps(), reverse=True):
             restored, record, failure = None, None, None
@@ -315,6 +339,9 @@ class Checkpointer:
                 continue
             self._policy.verified = step
             logging.info('restored checkpoint at step %d from %s (verified)', step, self.workdir)
+            if stacked:
+                stack = lambda t: state_lib.stacked_like(t, abstract_state)
+                restored = jax.jit(stack, out_shardings=shardings)(restored)
             return restored, data_state
         if skipped:
             raise CheckpointError(

@@ -224,7 +224,7 @@ def _check_init_from(
     if num_classes is None:
         return
     model = build_model(config, num_classes)
-    variables = state_lib.abstract_variables(model, config.data.resolution)
+    variables = state_lib.per_block(state_lib.abstract_variables(model, config.data.resolution))
     foreign = checkpoint.untransferable(variables, pretrained)
     if foreign:
         m = config.model

@@ -8,7 +8,8 @@ Schedule (tfmot ``pruning_schedule.PolynomialDecay``)::
 and the masks are recomputed only on the steps where ``begin_step <= step <= end_step`` and
 ``(step - begin_step) % frequency == 0``. Masks (tfmot ``pruning_impl._update_mask``): per
 tensor, keep the ``k = max(round(size * (1 - sparsity)), 1)`` weights of largest magnitude
-(ties at the threshold kept), zero the rest. Prunable: the kernels of convolutions (regular,
+(ties at the threshold kept), zero the rest; a stage's repeated blocks, stacked in the train
+state (``scan_blocks``), each keep their own. Prunable: the kernels of convolutions (regular,
 depthwise, squeeze-excite) and of the dense head; never biases or BatchNorm.
 
 ``step`` counts optimizer updates done before the current one, as tfmot's ``pruning_step``.
@@ -26,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from efficientnet.model import stacked_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,13 @@ def update_masks(params: Any, masks: dict, sparsity: jax.Array) -> dict:
     """New masks from the magnitudes of ``params`` at ``sparsity``."""
     flat_p = traverse_util.flatten_dict(params)
     flat_m = traverse_util.flatten_dict(masks)
-    return traverse_util.unflatten_dict({k: topk_mask(flat_p[k], sparsity) for k in flat_m})
+
+    def mask(k):
+        if any(stacked_range(part) is not None for part in k):  # one kernel per block
+            return jax.vmap(topk_mask, in_axes=(0, None))(flat_p[k], sparsity)
+        return topk_mask(flat_p[k], sparsity)
+
+    return traverse_util.unflatten_dict({k: mask(k) for k in flat_m})
 
 
 def apply_masks(params: Any, masks: dict) -> Any:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+import efficientnet
 from training import compilation, sharding
 from training import pruning as pruning_lib
 
@@ -37,8 +38,31 @@ class TrainState:
 
 
 def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> Any:
-    """The model's initial variables ({'params', 'batch_stats'}), as the train state uses them."""
-    return model.init({'params': rng}, jnp.zeros((1, image_size, image_size, 3)), train=False)
+    """The model's initial variables ({'params', 'batch_stats'}), as the train state uses them:
+    with ``scan_blocks`` each stage's repeated blocks stacked (``efficientnet.stack_blocks``;
+    the scan reads them as they are, and the optimizer and EMA update one array per stage
+    instead of one per block). Checkpoints hold them per block (``per_block``)."""
+    variables = model.init({'params': rng}, jnp.zeros((1, image_size, image_size, 3)), train=False)
+    return efficientnet.stack_blocks(variables, efficientnet.stacked_runs(model))
+
+
+def per_block(tree: Any) -> Any:
+    """``tree`` (a train state, variables, their shapes or shardings) with every stacked run
+    of blocks split back into one subtree per block: the layout of checkpoints, weight files
+    and ``model.init``. Lossless; ``stacked_like`` is its inverse."""
+    return efficientnet.unstack_blocks(tree)
+
+
+def stacked_like(tree: Any, layout: Any) -> Any:
+    """``tree`` in per-block layout with the runs of blocks that ``layout`` (a tree of the
+    train state's layout, e.g. the abstract state) holds stacked, stacked the same way."""
+    runs = []
+    for leaf_path, _ in jax.tree_util.tree_flatten_with_path(layout)[0]:
+        for key in leaf_path:
+            indices = efficientnet.model.stacked_range(getattr(key, 'key', None))
+            if indices is not None and indices not in runs:
+                runs.append(indices)
+    return efficientnet.stack_blocks(tree, runs)
 
 
 def state_from_variables(
