@@ -39,10 +39,12 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> str:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file (local or gs://)."""
-    with tf.io.gfile.GFile(path, 'rb') as f:
-        with np.load(io.BytesIO(f.read())) as data:
-            return {k: data[k] for k in data.files}
+    """Every array of an ``.npz`` file (local or gs://), read as ``write_npz`` writes it
+    (``efficientnet.paths``)."""
+    from efficientnet import paths
+
+    with np.load(io.BytesIO(paths.as_path(path).read_bytes())) as data:
+        return {k: data[k] for k in data.files}
 
 
 def write(
