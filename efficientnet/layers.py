@@ -131,6 +131,45 @@ def _pointwise_bwd(res, dy):
 _pointwise_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_s1(x: Array, k: Array, pads: Any) -> Array:
+    return jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_stride1_cpu(x: Array, k: Array, pads: Any) -> Array:
+    """A stride-1 NHWC/HWIO convolution whose two backward convolutions are written out in
+    the NHWC/HWIO form that XLA:CPU hands to its fast convolution library. Autodiff's own
+    forms (a kernel with swapped in/out axes; batch and feature axes exchanged for the kernel
+    gradient) are rewritten to that form in a plain program, but not inside a loop body: a
+    scanned block's gradient ran 9-21x slower there (``scripts/bench_scan_conv.py``,
+    docs/benchmarks.md). The values are those of autodiff, bit for bit."""
+    return _conv_s1(x, k, pads)
+
+
+def _conv_s1_fwd(x, k, pads):
+    return _conv_s1(x, k, pads), (x, k)
+
+
+def _conv_s1_bwd(pads, res, dy):
+    x, k = res
+    (top, bottom), (left, right) = pads
+    kh, kw = k.shape[:2]
+    # Input gradient: the flipped kernel, in and out swapped, over the output gradient.
+    flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+    back = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    dx = _conv_s1(dy, flipped, back)
+    # Kernel gradient: channels of x as the batch, its examples as the features, the output
+    # gradient as the kernel (HWIO: examples in, channels out); stride 1 keeps the padding.
+    dk = _conv_s1(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), pads)
+    return dx, dk.transpose(1, 2, 0, 3)
+
+
+conv_stride1_cpu.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+
+
 class Conv2D(nn.Module):
     """A dense (non-grouped) convolution with explicit TF-SAME or symmetric padding."""
 
@@ -159,13 +198,18 @@ class Conv2D(nn.Module):
                 _patches(x.astype(self.dtype), self.kernel, self.stride, self.padding),
                 k.reshape(-1, self.features).astype(self.dtype),
             )
+        elif jax.default_backend() == 'cpu' and self.stride == 1:
+            pads = tuple(
+                tuple(int(p) for p in pad) for pad in _pads(x, self.kernel, 1, self.padding)
+            )
+            y = conv_stride1_cpu(x.astype(self.dtype), k.astype(self.dtype), pads)
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype),
                 k.astype(self.dtype),
                 (self.stride, self.stride),
                 _pads(x, self.kernel, self.stride, self.padding),
-                dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                dimension_numbers=_NHWC,
             )
         if self.use_bias:
             b = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)

@@ -4,6 +4,7 @@ the pointwise and stem convolutions against autodiff and XLA, BatchNorm against 
 TensorFlow."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,45 @@ def test_stem_conv_as_patches_matches_convolution(padding):
     g = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
     for a, b in zip(g(ours), g(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    'kernel,padding,size', [(3, 'same', 9), (5, 'same', 8), (2, 'same', 7), (3, 'symmetric', 6)]
+)
+def test_stride1_conv_gradients_match_autodiff_and_stay_canonical_in_a_scan(kernel, padding, size):
+    """On CPU a stride-1 convolution's backward pass is written out
+    (``layers.conv_stride1_cpu``): the gradients equal autodiff's, and inside a scan (a scanned
+    block) every convolution of the compiled gradient keeps the NHWC/HWIO form XLA:CPU's fast
+    convolution runs. Autodiff's own gradient there has other forms, 9-21x slower."""
+    kx, kw = jax.random.split(jax.random.key(kernel))
+    x = jax.random.normal(kx, (2, size, size, 24))  # kernel**2 * 24 > 64: not the stem's path
+    w = jax.random.normal(kw, (3, kernel, kernel, 24, 24)) * 0.1
+    conv = layers.Conv2D(24, kernel, 1, padding=padding)
+    ours = lambda x, k: conv.apply({'params': {'kernel': k}}, x)
+
+    def ref(x, k):
+        pads = layers._pads(x, kernel, 1, padding)
+        return jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=layers._NHWC)
+
+    np.testing.assert_allclose(ours(x, w[0]), ref(x, w[0]), rtol=1e-5, atol=1e-5)
+    g = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, w[0])
+    for a, b in zip(g(ours), g(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def scanned(f):
+        body = lambda c, k: (jnp.tanh(f(c, k)) + c, None)
+        return lambda w, x: jax.lax.scan(body, x, w)[0].sum()
+
+    def labels(f):
+        hlo = jax.jit(jax.grad(scanned(f), argnums=(0, 1))).lower(w, x).compile().as_text()
+        return {m for m in re.findall(r'convolution\(.*?dim_labels=(\S+?),', hlo)}
+
+    assert labels(ours) == {'b01f_01io->b01f'}
+    assert labels(ref) != {'b01f_01io->b01f'}  # what the written-out gradient avoids
+    for a, b in zip(
+        jax.grad(scanned(ours), argnums=(0, 1))(w, x), jax.grad(scanned(ref), argnums=(0, 1))(w, x)
+    ):  # three blocks deep: float32 rounding of differently ordered sums, relative to the scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_same_padding_matches_tensorflow():
