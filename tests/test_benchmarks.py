@@ -102,11 +102,12 @@ def test_bisect_finds_the_largest_batch_that_fits(fits_below):
 
 def test_scan_conv_benchmark_compares_the_same_computation():
     """``scripts/bench_scan_conv.py`` times a forward pass and both gradients of blocks that
-    the scanned and the unrolled form compute alike (docs/benchmarks.md quotes its ratios)."""
+    the unrolled form and both scanned ones (XLA's convolution, the project's) compute alike
+    (docs/benchmarks.md quotes its ratios)."""
     from scripts import bench_scan_conv
 
     rows = bench_scan_conv.measure(batch=2, size=8, channels=4, blocks=3, steps=1)
     assert [r['part'] for r in rows] == ['forward', 'input_gradient', 'kernel_gradient']
     for r in rows:
-        assert r['unrolled_s'] > 0 and r['scanned_s'] > 0 and r['backend'] == 'cpu'
-        assert r['max_rel_diff'] < 1e-5, r
+        assert min(r['unrolled_s'], r['scanned_s'], r['scanned_ours_s']) > 0
+        assert r['backend'] == 'cpu' and r['max_rel_diff'] < 1e-5, r
