@@ -220,8 +220,7 @@ class Conv2D(nn.Module):
 def resolve_scan_blocks(scan_blocks: bool | None) -> bool:
     """``scan_blocks`` None (the configs' default) is on for GPU and TPU, where it keeps
     compile time from growing with depth, and off on CPU, where XLA runs the scanned training
-    step 1.1-1.2x (B0) to 6-29x (V2-S, by CPU) slower than the unrolled one
-    (docs/benchmarks.md)."""
+    step 1.16x (B0) to 1.34x (V2-S) slower than the unrolled one (docs/benchmarks.md)."""
     if scan_blocks is None:
         return jax.default_backend() != 'cpu'
     return scan_blocks
