@@ -44,6 +44,20 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def _assert_states_close(ours, ref, tol, opt_tol):
+    """Every array of the two states' variables, EMA and optimizer state agrees within ``tol``
+    (``opt_tol`` for the optimizer state), named by its path on failure."""
+    for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+        t = opt_tol if field == 'opt_state' else tol
+        for (path, a), b in zip(
+            jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
+            jax.tree.leaves(getattr(ref, field)),
+        ):
+            np.testing.assert_allclose(
+                a, b, atol=t, rtol=t, err_msg=f'{field}{jax.tree_util.keystr(path)}'
+            )
+
+
 @pytest.fixture(scope='module')
 def eight_device_run():
     config = _config()
@@ -211,17 +225,9 @@ def test_fsdp_step_equals_data_parallel_step(eight_device_run):
         np.testing.assert_array_equal(a, b)
     state, metrics = step(state, sharding.global_batch(_batch(config), mesh))
     ours, ref = _host(state), _host(r['state'])
-    for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
-        # RMSProp's second moment holds squared gradients, which double the relative rounding
-        # of the sharded reduction (measured up to 2.9e-5 on stem_conv): 1e-4 there.
-        tol = 1e-4 if field == 'opt_state' else 1e-5
-        for (path, a), b in zip(
-            jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
-            jax.tree.leaves(getattr(ref, field)),
-        ):
-            np.testing.assert_allclose(
-                a, b, atol=tol, rtol=tol, err_msg=f'{field}{jax.tree_util.keystr(path)}'
-            )
+    # RMSProp's second moment holds squared gradients, which double the relative rounding of
+    # the sharded reduction (measured up to 2.9e-5 on stem_conv): 1e-4 there.
+    _assert_states_close(ours, ref, tol=1e-5, opt_tol=1e-4)
     np.testing.assert_allclose(np.asarray(metrics['loss']), r['metrics']['loss'], rtol=1e-5)
 
 
@@ -262,17 +268,9 @@ def test_a_stacked_train_state_steps_saves_and_restores_as_the_per_block_one(tmp
     ours, ref = _host(state_lib.per_block(stepped[True])), _host(stepped[False])
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params, plain.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
-    for field in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
-        # Stochastic depth divides by a traced rate in the scan (tests/test_model.py): the
-        # gradients agree within 1e-3, and RMSProp's second moment holds their squares.
-        tol = 1e-3 if field == 'opt_state' else 1e-4
-        for (path, a), b in zip(
-            jax.tree_util.tree_flatten_with_path(getattr(ours, field))[0],
-            jax.tree.leaves(getattr(ref, field)),
-        ):
-            np.testing.assert_allclose(
-                a, b, atol=tol, rtol=tol, err_msg=f'{field}{jax.tree_util.keystr(path)}'
-            )
+    # Stochastic depth divides by a traced rate in the scan (tests/test_model.py): the gradients
+    # agree within 1e-3, and RMSProp's second moment holds their squares.
+    _assert_states_close(ours, ref, tol=1e-4, opt_tol=1e-3)
 
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep_best=False, async_save=False)
     ckpt.save(1, stepped[True])
