@@ -1,15 +1,20 @@
-"""Depthwise-convolution kernels for XLA's CPU backend (XLA FFI custom calls, C++).
+"""Kernels for XLA's CPU backend (XLA FFI custom calls, C++): the depthwise convolution and
+training-mode BatchNorm fused with its activation.
 
 XLA:CPU runs a grouped convolution, and the reductions of the depthwise weight gradient, far
 below what the hardware allows; ``csrc/cpu_kernels.cc`` does the same arithmetic in one
-vectorised pass per direction. The shared library is built with the system C++ compiler
-against the XLA FFI headers that ship with jaxlib:
+vectorised pass per direction. Training-mode BatchNorm and the activation after it were about
+ten memory passes over each activation in XLA:CPU's program (reductions, normalisation,
+activation and their gradients); the fused kernels make three forward and two backward.
+
+The shared library is built with the system C++ compiler against the XLA FFI headers that ship
+with jaxlib:
 
     python -m efficientnet.cpu_kernels          # build (``make setup`` runs it) and self-check
 
 and, when missing, built on first use (a few seconds). Where no compiler is available the
-kernels are reported unavailable and ``depthwise_impl='auto'`` falls back to the unrolled XLA
-form; nothing else changes.
+kernels are reported unavailable: ``depthwise_impl='auto'`` falls back to the unrolled XLA
+form and BatchNorm to its XLA form; nothing else changes.
 
 The custom calls carry no sharding rule: under jit over several devices XLA gathers their
 operands (results stay correct; the multi-device CPU meshes of the tests are the only place
@@ -35,7 +40,11 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_
 _TARGETS = {
     'depthwise_forward': 'EfficientNetDepthwiseForward',
     'depthwise_backward': 'EfficientNetDepthwiseBackward',
+    'bn_act_forward': 'EfficientNetBnActForward',
+    'bn_act_backward': 'EfficientNetBnActBackward',
 }
+# The activations the BatchNorm kernels apply (None: none), as csrc/cpu_kernels.cc numbers them.
+ACTIVATIONS = {None: 0, 'swish': 1, 'relu': 2, 'relu6': 3}
 _PREFIX = 'efficientnet_cpu_'
 _lock = threading.Lock()
 _state: dict = {}
@@ -118,6 +127,12 @@ def available() -> bool:
         return _state['ok']
 
 
+def usable(dtype) -> bool:
+    """Whether the kernels serve this computation: the CPU backend, float32, and the library
+    built and loaded."""
+    return jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32 and available()
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple) -> jax.Array:
     """Depthwise convolution of float32 NHWC ``x`` with a (k, k, 1, C) kernel, padded by
@@ -128,39 +143,79 @@ def depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple) -> jax.
 
 def _forward(x, kernel, stride, pads):
     k = kernel.shape[0]
-    xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    out_h = (xp.shape[1] - k) // stride + 1
-    out_w = (xp.shape[2] - k) // stride + 1
+    out_h = (x.shape[1] + sum(pads[0]) - k) // stride + 1
+    out_w = (x.shape[2] + sum(pads[1]) - k) // stride + 1
     w = kernel[:, :, 0, :]
     y = jax.ffi.ffi_call(
         _PREFIX + 'depthwise_forward',
         jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype),
         vmap_method='sequential',
-    )(xp, w, stride=np.int64(stride))
-    return y, (xp, w, x.shape)
+    )(x, w, **_geometry(stride, pads))
+    return y, (x, w)
+
+
+def _geometry(stride, pads):
+    return dict(
+        stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0])
+    )
 
 
 def _backward(stride, pads, res, g):
-    xp, w, x_shape = res
-    dx, dw_per_example = jax.ffi.ffi_call(
+    x, w = res
+    dx, dw = jax.ffi.ffi_call(
         _PREFIX + 'depthwise_backward',
-        (
-            jax.ShapeDtypeStruct(x_shape, xp.dtype),
-            jax.ShapeDtypeStruct((x_shape[0],) + w.shape, xp.dtype),
-        ),
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, x.dtype)),
         vmap_method='sequential',
-    )(
-        xp,
-        w,
-        g,
-        stride=np.int64(stride),
-        pad_top=np.int64(pads[0][0]),
-        pad_left=np.int64(pads[1][0]),
-    )
-    return dx, jnp.sum(dw_per_example, axis=0)[:, :, None, :]
+    )(x, w, g, **_geometry(stride, pads))
+    return dx, dw[:, :, None, :]
 
 
 depthwise.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_act(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str | None
+):
+    """Training-mode BatchNorm of float32 ``x`` [G, M, C] (G groups of M rows each normalised
+    by its own statistics) followed by ``activation`` (a key of ``ACTIVATIONS``). Returns
+    ``(act((x - mean) * rsqrt(var + epsilon) * scale + bias), mean, var)`` with the biased
+    per-group statistics of shape [G, C]; the statistics carry no gradient (they feed only
+    the moving averages)."""
+    return _bn_forward(x, scale, bias, epsilon, activation)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon, activation):
+    g, _, c = x.shape
+    stats = jax.ShapeDtypeStruct((g, c), jnp.float32)
+    y, mean, var = jax.ffi.ffi_call(
+        _PREFIX + 'bn_act_forward',
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+        vmap_method='sequential',
+    )(x, scale, bias, act=np.int64(ACTIVATIONS[activation]), epsilon=np.float32(epsilon))
+    return (y, mean, var), (x, scale, bias, mean, var)
+
+
+def _bn_backward(epsilon, activation, res, cts):
+    x, scale, bias, mean, var = res
+    vec = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+    return jax.ffi.ffi_call(
+        _PREFIX + 'bn_act_backward',
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec),
+        vmap_method='sequential',
+    )(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        cts[0],
+        act=np.int64(ACTIVATIONS[activation]),
+        epsilon=np.float32(epsilon),
+    )
+
+
+batch_norm_act.defvjp(_bn_forward, _bn_backward)
 
 
 def _self_check() -> float:

@@ -240,8 +240,7 @@ def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
     if impl == 'cpu_kernel':
         from efficientnet import cpu_kernels
 
-        usable = on_cpu and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
-        return 'cpu_kernel' if usable else ('unrolled' if on_cpu else 'xla')
+        return 'cpu_kernel' if cpu_kernels.usable(dtype) else ('unrolled' if on_cpu else 'xla')
     return impl
 
 
@@ -408,6 +407,11 @@ class BatchNorm(nn.Module):
     batch the reductions cover the global batch (or each group), so results do not depend on how
     many devices hold it. Variables are named like flax's ``nn.BatchNorm`` (scale, bias, mean,
     var).
+
+    ``activation`` (a name for ``activation_fn``, or None) is applied to the output. In training
+    on CPU in float32 the normalisation and the activation run as one C++ kernel each way
+    (``efficientnet.cpu_kernels.batch_norm_act``; docs/benchmarks.md has the gain); elsewhere
+    it is the same computation in XLA.
     """
 
     use_running_average: bool = True
@@ -415,6 +419,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-3
     group_size: int | None = None
     dtype: Dtype = jnp.float32
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -423,19 +428,28 @@ class BatchNorm(nn.Module):
         bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+        act = (lambda y: y) if self.activation is None else activation_fn(self.activation)
         f = jnp.promote_types(self.dtype, jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x.astype(f) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-            return y.astype(self.dtype)
+            return act(y.astype(self.dtype))
         n = x.shape[0]
         g = self.group_size or n
         if n % g:
             raise ValueError(f'batch of {n} does not split into BatchNorm groups of {g}')
-        xf = x.astype(f).reshape((n // g, g) + x.shape[1:])
-        y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon)
+        from efficientnet import cpu_kernels
+
+        if jnp.dtype(self.dtype) == jnp.float32 and cpu_kernels.usable(x.dtype):
+            y, mean, var = cpu_kernels.batch_norm_act(
+                x.reshape(n // g, -1, c), scale, bias, self.epsilon, self.activation
+            )
+        else:
+            xf = x.astype(f).reshape((n // g, g) + x.shape[1:])
+            y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon)
+            y = act(y.reshape(x.shape).astype(self.dtype))
         if not self.is_initializing():
             m = self.momentum
             ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0).reshape(c)
             ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=0).reshape(c)
-        return y.reshape(x.shape).astype(self.dtype)
+        return y.reshape(x.shape)

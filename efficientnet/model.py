@@ -101,16 +101,15 @@ class MBConv(_Block):
         rng: Array | None = None,
     ) -> Array:
         s = self.spec
-        act = activation_fn(self.activation)
         bn = self._bn(train)
         inputs = x
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, dtype=self.dtype, name='expand_conv')(x)
-            x = act(BatchNorm(**bn, name='expand_bn')(x))
+            x = BatchNorm(**bn, activation=self.activation, name='expand_bn')(x)
         x = DepthwiseConv2D(
             s.kernel, s.stride, self.padding, self.depthwise_impl, dtype=self.dtype, name='dw_conv'
         )(x)
-        x = act(BatchNorm(**bn, name='dw_bn')(x))
+        x = BatchNorm(**bn, activation=self.activation, name='dw_bn')(x)
         if s.se_channels:
             x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
         x = Conv2D(s.out_channels, dtype=self.dtype, name='project_conv')(x)
@@ -137,13 +136,12 @@ class FusedMBConv(_Block):
         rng: Array | None = None,
     ) -> Array:
         s = self.spec
-        act = activation_fn(self.activation)
         bn = self._bn(train)
         conv = dict(padding=self.padding, dtype=self.dtype)
         inputs = x
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, s.kernel, s.stride, **conv, name='expand_conv')(x)
-            x = act(BatchNorm(**bn, name='expand_bn')(x))
+            x = BatchNorm(**bn, activation=self.activation, name='expand_bn')(x)
             if s.se_channels:
                 x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
             x = Conv2D(s.out_channels, **conv, name='project_conv')(x)
@@ -152,7 +150,7 @@ class FusedMBConv(_Block):
             if s.se_channels:  # no published V2 uses it; the official code would put it here
                 raise ValueError('a Fused-MBConv block without expansion has no squeeze-excite')
             x = Conv2D(s.out_channels, s.kernel, s.stride, **conv, name='project_conv')(x)
-            x = act(BatchNorm(**bn, name='project_bn')(x))
+            x = BatchNorm(**bn, activation=self.activation, name='project_bn')(x)
         return self._residual(x, inputs, train, survival, rng)
 
 
@@ -373,7 +371,7 @@ class EfficientNet(nn.Module):
     ):
         self._check_input(x)
         activation = self.activation or self.variant.activation
-        act = activation_fn(activation)
+        activation_fn(activation)  # an unknown name fails here, before any layer is built
         momentum = self.variant.bn_momentum if self.bn_momentum is None else self.bn_momentum
         bn = dict(
             use_running_average=not train,
@@ -391,7 +389,7 @@ class EfficientNet(nn.Module):
             dtype=self.dtype,
             name='stem_conv',
         )(x)
-        x = act(BatchNorm(**bn, name='stem_bn')(x))
+        x = BatchNorm(**bn, activation=activation, name='stem_bn')(x)
 
         blocks = self.blocks
         names = arch.endpoint_blocks(blocks)
@@ -442,7 +440,7 @@ class EfficientNet(nn.Module):
             return endpoints
 
         x = Conv2D(arch.head_channels(self.variant), dtype=self.dtype, name='head_conv')(x)
-        x = act(BatchNorm(**bn, name='head_bn')(x))
+        x = BatchNorm(**bn, activation=activation, name='head_bn')(x)
         x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         out_name = 'features'
         if self.num_classes > 0:
