@@ -40,8 +40,11 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_
 _TARGETS = {
     'depthwise_forward': 'EfficientNetDepthwiseForward',
     'depthwise_backward': 'EfficientNetDepthwiseBackward',
-    'bn_act_forward': 'EfficientNetBnActForward',
-    'bn_act_backward': 'EfficientNetBnActBackward',
+    'bn_stats': 'EfficientNetBnStats',
+    'affine_act': 'EfficientNetAffineAct',
+    'affine_act_pool': 'EfficientNetAffineActPool',
+    'act_grad_sums': 'EfficientNetActGradSums',
+    'bn_act_dx': 'EfficientNetBnActDx',
 }
 # The activations the BatchNorm kernels apply (None: none), as csrc/cpu_kernels.cc numbers them.
 ACTIVATIONS = {None: 0, 'swish': 1, 'relu': 2, 'relu6': 3}
@@ -173,6 +176,32 @@ def _backward(stride, pads, res, g):
 depthwise.defvjp(_forward, _backward)
 
 
+def _call(name, out_shapes, *args, **attrs):
+    """One of the kernels on float32 arrays; integer attributes."""
+    outs = jax.ffi.ffi_call(
+        _PREFIX + name,
+        [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        vmap_method='sequential',
+    )(*args, **{k: np.int64(v) for k, v in attrs.items()})
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _bn_coefficients(x, scale, bias, epsilon, group_blocks):
+    """Per-group statistics of x [B, R, C] and the per-block (mean, inv, a, b), z = x * a + b."""
+    blocks, _, c = x.shape
+    groups = blocks // group_blocks
+    mean, var = _call('bn_stats', [(groups, c)] * 2, x, group_blocks=group_blocks)
+    inv = jax.lax.rsqrt(var + epsilon)
+    a = inv * scale
+    per_block = [jnp.repeat(v, group_blocks, axis=0) for v in (mean, inv, a, bias - mean * a)]
+    return mean, var, per_block
+
+
+def _group_sums(v, group_blocks):
+    """[B, C] -> [G, C]: the sum over each group's blocks."""
+    return v.reshape(-1, group_blocks, v.shape[-1]).sum(axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_act(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: str | None
@@ -186,36 +215,101 @@ def batch_norm_act(
 
 
 def _bn_forward(x, scale, bias, epsilon, activation):
-    g, _, c = x.shape
-    stats = jax.ShapeDtypeStruct((g, c), jnp.float32)
-    y, mean, var = jax.ffi.ffi_call(
-        _PREFIX + 'bn_act_forward',
-        (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
-        vmap_method='sequential',
-    )(x, scale, bias, act=np.int64(ACTIVATIONS[activation]), epsilon=np.float32(epsilon))
-    return (y, mean, var), (x, scale, bias, mean, var)
+    mean, var, (m, inv, a, b) = _bn_coefficients(x, scale, bias, epsilon, 1)
+    act = ACTIVATIONS[activation]
+    y = _call('affine_act', [x.shape], x, a, b, a, act=act, gated=0)
+    return (y, mean, var), (x, m, inv, a, b)
 
 
 def _bn_backward(epsilon, activation, res, cts):
-    x, scale, bias, mean, var = res
-    vec = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-    return jax.ffi.ffi_call(
-        _PREFIX + 'bn_act_backward',
-        (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec),
-        vmap_method='sequential',
-    )(
-        x,
-        scale,
-        bias,
-        mean,
-        var,
-        cts[0],
-        act=np.int64(ACTIVATIONS[activation]),
-        epsilon=np.float32(epsilon),
+    x, mean, inv, a, b = res
+    act = ACTIVATIONS[activation]
+    sums = _call(
+        'act_grad_sums', [(x.shape[0], 2, x.shape[2])], x, cts[0], a, b, mean, inv, act=act, se=0
     )
+    k1, k2 = sums[:, 0] / x.shape[1], sums[:, 1] / x.shape[1]
+    dx = _call('bn_act_dx', [x.shape], x, cts[0], a, b, mean, inv, k1, k2, a, a, act=act, se=0)
+    return dx, sums[:, 1].sum(0), sums[:, 0].sum(0)
 
 
 batch_norm_act.defvjp(_bn_forward, _bn_backward)
+
+
+def _se_gate(pooled, w_reduce, b_reduce, w_expand, b_expand, activation):
+    """Squeeze-and-excitation's gate from the spatial means [N, C]: the two 1x1 convolutions
+    (as matrices), the activation between them, the sigmoid."""
+    from efficientnet.layers import activation_fn
+
+    act = activation_fn(activation)
+    return jax.nn.sigmoid(act(pooled @ w_reduce + b_reduce) @ w_expand + b_expand)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def batch_norm_act_se(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    w_reduce: jax.Array,
+    b_reduce: jax.Array,
+    w_expand: jax.Array,
+    b_expand: jax.Array,
+    epsilon: float,
+    activation: str | None,
+    se_activation: str,
+    group_blocks: int,
+):
+    """Training-mode BatchNorm of float32 ``x`` [N, P, C] (N examples of P pixels; groups of
+    ``group_blocks`` consecutive examples share statistics), the activation, then
+    squeeze-and-excitation with the given matrices and biases (``se_activation`` between them).
+    Returns ``(output, mean, var)`` as ``batch_norm_act``. The gradient is written out: two
+    passes over x and the output gradient, the gate's gradient folded into BatchNorm's sums."""
+    return _bn_se_forward(
+        x,
+        scale,
+        bias,
+        w_reduce,
+        b_reduce,
+        w_expand,
+        b_expand,
+        epsilon,
+        activation,
+        se_activation,
+        group_blocks,
+    )[0]
+
+
+def _bn_se_forward(
+    x, scale, bias, wr, br, we, be, epsilon, activation, se_activation, group_blocks
+):
+    n, p, c = x.shape
+    mean, var, (m, inv, a, b) = _bn_coefficients(x, scale, bias, epsilon, group_blocks)
+    act = ACTIVATIONS[activation]
+    pooled = _call('affine_act_pool', [(n, c)], x, a, b, act=act) / p
+    gate = _se_gate(pooled, wr, br, we, be, se_activation)
+    y = _call('affine_act', [x.shape], x, a, b, gate, act=act, gated=1)
+    return (y, mean, var), (x, m, inv, a, b, pooled, gate, wr, br, we, be)
+
+
+def _bn_se_backward(epsilon, activation, se_activation, group_blocks, res, cts):
+    x, mean, inv, a, b, pooled, gate, wr, br, we, be = res
+    n, p, c = x.shape
+    act = ACTIVATIONS[activation]
+    g = cts[0]
+    sums = _call('act_grad_sums', [(n, 5, c)], x, g, a, b, mean, inv, act=act, se=1)
+    d_gate, s_a, s_b, s_c, s_d = (sums[:, i] for i in range(5))
+    _, gate_vjp = jax.vjp(lambda *v: _se_gate(*v, se_activation), pooled, wr, br, we, be)
+    d_pooled, dwr, dbr, dwe, dbe = gate_vjp(d_gate)
+    u = d_pooled / p  # each pixel's share of the spatial mean's gradient
+    # BatchNorm's sums of gz = (g * gate + u) * act'(z), per example, from the kernel's terms.
+    t1 = _group_sums(gate * s_a + u * s_b, group_blocks)
+    t2 = _group_sums(gate * s_c + u * s_d, group_blocks)
+    rows = group_blocks * p
+    k1, k2 = (jnp.repeat(t / rows, group_blocks, axis=0) for t in (t1, t2))
+    dx = _call('bn_act_dx', [x.shape], x, g, a, b, mean, inv, k1, k2, gate, u, act=act, se=1)
+    return dx, t2.sum(0), t1.sum(0), dwr, dbr, dwe, dbe
+
+
+batch_norm_act_se.defvjp(_bn_se_forward, _bn_se_backward)
 
 
 def _self_check() -> float:

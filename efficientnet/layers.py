@@ -182,12 +182,7 @@ class Conv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.param(
-            'kernel',
-            conv_kernel_init,
-            (self.kernel, self.kernel, x.shape[-1], self.features),
-            jnp.float32,
-        )
+        k, b = conv_weights(self, self.kernel, x.shape[-1], self.features, self.use_bias)
         if self.kernel == 1 and self.stride == 1:
             # A pointwise conv is a matmul over channels; as a dot XLA uses its GEMM path.
             y = pointwise_conv(x.astype(self.dtype), k[0, 0].astype(self.dtype))
@@ -212,9 +207,30 @@ class Conv2D(nn.Module):
                 dimension_numbers=_NHWC,
             )
         if self.use_bias:
-            b = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + b.astype(self.dtype)
         return y
+
+
+def conv_weights(
+    mdl: nn.Module, kernel: int, cin: int, features: int, use_bias: bool
+) -> tuple[Array, Array | None]:
+    """``Conv2D``'s parameters, created in ``mdl``: 'kernel' (HWIO) and, with ``use_bias``,
+    'bias'."""
+    k = mdl.param('kernel', conv_kernel_init, (kernel, kernel, cin, features), jnp.float32)
+    b = mdl.param('bias', nn.initializers.zeros, (features,), jnp.float32) if use_bias else None
+    return k, b
+
+
+class PointwiseWeights(nn.Module):
+    """The parameters of a 1x1 ``Conv2D`` with bias, under the same names, shapes and
+    initialisers, returned (kernel as a [cin, features] matrix, bias) rather than applied."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, cin: int) -> tuple[Array, Array]:
+        k, b = conv_weights(self, 1, cin, self.features, True)
+        return k[0, 0], b
 
 
 def resolve_scan_blocks(scan_blocks: bool | None) -> bool:
@@ -422,18 +438,21 @@ class BatchNorm(nn.Module):
     activation: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, squeeze_excite: Callable[..., Array] | None = None) -> Array:
+        """``squeeze_excite``, a ``SqueezeExcite`` module, is applied to the activation's output;
+        passed here, it runs inside the fused CPU kernels with the BatchNorm."""
         c = x.shape[-1]
         scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
         act = (lambda y: y) if self.activation is None else activation_fn(self.activation)
+        se = (lambda y: y) if squeeze_excite is None else squeeze_excite
         f = jnp.promote_types(self.dtype, jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x.astype(f) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-            return act(y.astype(self.dtype))
+            return se(act(y.astype(self.dtype)))
         n = x.shape[0]
         g = self.group_size or n
         if n % g:
@@ -441,15 +460,21 @@ class BatchNorm(nn.Module):
         from efficientnet import cpu_kernels
 
         if jnp.dtype(self.dtype) == jnp.float32 and cpu_kernels.usable(x.dtype):
-            y, mean, var = cpu_kernels.batch_norm_act(
-                x.reshape(n // g, -1, c), scale, bias, self.epsilon, self.activation
-            )
+            if squeeze_excite is None:
+                y, mean, var = cpu_kernels.batch_norm_act(
+                    x.reshape(n // g, -1, c), scale, bias, self.epsilon, self.activation
+                )
+            else:
+                y, mean, var = squeeze_excite(
+                    x.reshape(n, -1, c), fused_bn=(scale, bias, self.epsilon, self.activation, g)
+                )
+            y = y.reshape(x.shape)
         else:
             xf = x.astype(f).reshape((n // g, g) + x.shape[1:])
             y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon)
-            y = act(y.reshape(x.shape).astype(self.dtype))
+            y = se(act(y.reshape(x.shape).astype(self.dtype)))
         if not self.is_initializing():
             m = self.momentum
             ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0).reshape(c)
             ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=0).reshape(c)
-        return y.reshape(x.shape)
+        return y

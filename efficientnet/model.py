@@ -18,6 +18,7 @@ from efficientnet.layers import (
     BatchNorm,
     Conv2D,
     DepthwiseConv2D,
+    PointwiseWeights,
     activation_fn,
     dense_kernel_init,
 )
@@ -43,7 +44,31 @@ class SqueezeExcite(nn.Module):
     activation: str = 'swish'
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, fused_bn: tuple | None = None) -> Array:
+        """With ``fused_bn`` (BatchNorm's scale, bias, epsilon, activation and group size, as
+        ``BatchNorm`` passes them on CPU), ``x`` is BatchNorm's float32 input as [N, pixels, C]
+        and the whole of BatchNorm, activation and squeeze-excite runs as
+        ``cpu_kernels.batch_norm_act_se``; it returns the output and the batch statistics."""
+        if fused_bn is not None:
+            from efficientnet import cpu_kernels
+
+            scale, bias, epsilon, activation, group = fused_bn
+            c = x.shape[-1]
+            w_reduce, b_reduce = PointwiseWeights(self.reduced, name='reduce')(c)
+            w_expand, b_expand = PointwiseWeights(c, name='expand')(self.reduced)
+            return cpu_kernels.batch_norm_act_se(
+                x,
+                scale,
+                bias,
+                w_reduce,
+                b_reduce,
+                w_expand,
+                b_expand,
+                epsilon,
+                activation,
+                self.activation,
+                group,
+            )
         f = jnp.promote_types(x.dtype, jnp.float32)
         s = jnp.mean(x.astype(f), axis=(1, 2), keepdims=True)
         s = Conv2D(self.reduced, use_bias=True, dtype=f, name='reduce')(s)
@@ -109,9 +134,8 @@ class MBConv(_Block):
         x = DepthwiseConv2D(
             s.kernel, s.stride, self.padding, self.depthwise_impl, dtype=self.dtype, name='dw_conv'
         )(x)
-        x = BatchNorm(**bn, activation=self.activation, name='dw_bn')(x)
-        if s.se_channels:
-            x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
+        se = SqueezeExcite(s.se_channels, self.activation, name='se') if s.se_channels else None
+        x = BatchNorm(**bn, activation=self.activation, name='dw_bn')(x, squeeze_excite=se)
         x = Conv2D(s.out_channels, dtype=self.dtype, name='project_conv')(x)
         x = BatchNorm(**bn, name='project_bn')(x)
         return self._residual(x, inputs, train, survival, rng)
@@ -141,9 +165,8 @@ class FusedMBConv(_Block):
         inputs = x
         if s.expand != 1:
             x = Conv2D(s.expanded_channels, s.kernel, s.stride, **conv, name='expand_conv')(x)
-            x = BatchNorm(**bn, activation=self.activation, name='expand_bn')(x)
-            if s.se_channels:
-                x = SqueezeExcite(s.se_channels, self.activation, name='se')(x)
+            se = SqueezeExcite(s.se_channels, self.activation, name='se') if s.se_channels else None
+            x = BatchNorm(**bn, activation=self.activation, name='expand_bn')(x, squeeze_excite=se)
             x = Conv2D(s.out_channels, **conv, name='project_conv')(x)
             x = BatchNorm(**bn, name='project_bn')(x)
         else:

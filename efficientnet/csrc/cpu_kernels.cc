@@ -366,19 +366,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Training-mode BatchNorm fused with the activation that follows it.
+// Training-mode BatchNorm fused with the activation after it, and optionally with the
+// squeeze-and-excitation that follows (MBConv's depthwise BatchNorm).
 //
-// x is [G, M, C]: G groups (the BatchNorm groups; 1 without them) of M rows (examples x pixels),
-// C channels contiguous. Per group and channel: mean = sum(x)/M, var = sum((x-mean)^2)/M (two
-// passes, as the XLA form), z = (x - mean) * rsqrt(var + eps) * scale + bias, y = act(z).
-// The backward pass recomputes z and act'(z) from x instead of keeping them:
-//   gz = gy * act'(z);  xhat = (x - mean) * inv
-//   dbias = sum gz,  dscale = sum gz * xhat  (over groups, rows)
-//   dx = (gz - mean_M(gz) - xhat * mean_M(gz * xhat)) * inv * scale
-// XLA:CPU ran these as about ten separate memory passes (reductions, the normalisation, the
-// activation and its gradient); here the forward pass is three passes over x and the backward
-// two over x and gy. Sums accumulate in float over blocks of rows and in double across blocks
-// and threads.
+// x is viewed as [B, R, C]: B blocks of R rows, C channels contiguous. Without SE a block is a
+// BatchNorm group (R = examples x pixels); with SE a block is one example (R = pixels) and
+// `group_blocks` consecutive blocks share their statistics. The per-block coefficients
+// (a = inv * scale, b = bias - mean * a, so z = x * a + b; the SE gate) come as [B, C].
+//   BnStats:      per group mean and (biased) variance, in one pass over x (sums of x - shift
+//                 and its square, the shift being the group's first row).
+//   AffineAct:    y = act(z) [* gate]  (and AffineActPool: sum over a block's rows of act(z)).
+//   ActGradSums:  per block, sums over rows of gy * act'(z) and of that times xhat, and with SE
+//                 also of gy * act(z), act'(z) and act'(z) * xhat (xhat = (x - mean) * inv).
+//   BnActDx:      dx = (g * act'(z) - k1 - xhat * k2) * a, g = gy [* gate + u].
+// The backward pass recomputes z and act'(z) from x instead of keeping them. XLA:CPU ran
+// BatchNorm, the activation and SE as about a dozen separate memory passes; here the forward
+// pass reads x two (three with SE) times and the backward reads x and gy twice. Sums accumulate
+// in float over 64 rows and in double across those and across chunks, in a fixed order.
 
 enum Activation : int64_t { kIdentity = 0, kSwish = 1, kRelu = 2, kRelu6 = 3 };
 
@@ -446,10 +450,6 @@ inline V16 ActGrad(V16 z, int64_t act) {
 
 constexpr int64_t kRowBlock = 64;  // rows summed in float before adding into double
 
-// Rows per chunk of parallel work: about 64K elements. The chunks do not depend on the number
-// of threads, and their partial sums are added in chunk order, so results are reproducible.
-int64_t ChunkRows(int64_t c) { return std::max<int64_t>(kRowBlock, (1 << 16) / c / kRowBlock * kRowBlock); }
-
 // Channel block [c0, c0 + n) of a row: a full lane block or the zero-padded tail.
 inline V16 LoadBlock(const float* p, int64_t n) { return n == kLanes ? Load(p) : LoadN(p, n); }
 inline void StoreBlock(float* p, V16 v, int64_t n) {
@@ -460,170 +460,239 @@ inline void StoreBlock(float* p, V16 v, int64_t n) {
   }
 }
 
-ffi::Error BnActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
-                        ffi::Buffer<ffi::F32> scale_b, ffi::Buffer<ffi::F32> bias_b,
-                        ffi::ResultBuffer<ffi::F32> yb, ffi::ResultBuffer<ffi::F32> mean_b,
-                        ffi::ResultBuffer<ffi::F32> var_b, int64_t act, float epsilon) {
-  auto xd = xb.dimensions();
-  if (xd.size() != 3) return ffi::Error::InvalidArgument("batch norm forward: x must be [G, M, C]");
-  const int64_t groups = xd[0], m = xd[1], c = xd[2];
+// Parallel work over the rows of [B, R, C]: chunks of about 64K elements that never span two
+// blocks. The chunks do not depend on the number of threads and their partial sums are added
+// in chunk order, so results are reproducible.
+struct Chunks {
+  int64_t blocks, rows, c, per_chunk, per_block;
+  Chunks(int64_t blocks, int64_t rows, int64_t c) : blocks(blocks), rows(rows), c(c) {
+    per_chunk = std::max<int64_t>(kRowBlock, (1 << 16) / c / kRowBlock * kRowBlock);
+    per_block = std::max<int64_t>(1, (rows + per_chunk - 1) / per_chunk);
+  }
+  int64_t count() const { return blocks * per_block; }
+  // fn(block, first row, end row) for chunk k
+  template <typename Fn>
+  void Run(int64_t k, Fn fn) const {
+    const int64_t b = k / per_block, lo = (k % per_block) * per_chunk;
+    fn(b, lo, std::min(rows, lo + per_chunk));
+  }
+};
+
+// Adds `Terms` per-channel sums over rows [lo, hi) into out[Terms][c] (double):
+// f(row, c0, n, V16* values) computes the terms for the lane block [c0, c0 + n) of a row.
+// Rows are read in order; the sums of 64 rows are kept in float, then added in double.
+template <int Terms, typename F>
+void SumRows(int64_t lo, int64_t hi, int64_t c, double* out, F f) {
   const int64_t cpad = (c + kLanes - 1) / kLanes * kLanes;
-  const float* x = xb.typed_data();
-  const float* scale = scale_b.typed_data();
-  const float* bias = bias_b.typed_data();
-  float* y = yb->typed_data();
-  const int64_t rows = ChunkRows(c), per_group = (m + rows - 1) / rows;
-  // Statistics in one pass: sums of d = x - shift and of d*d, the shift being each group's
-  // first row (close to the mean, so the variance S2/M - (S1/M)^2 does not cancel badly).
-  std::vector<float> shift(groups * cpad, 0.0f);
-  for (int64_t g = 0; g < groups; ++g) std::memcpy(&shift[g * cpad], x + g * m * c, sizeof(float) * c);
-  std::vector<double> partial(groups * per_group * 2 * c);
-  ParallelFor(pool, groups * per_group, [&](int64_t k) {
-    const int64_t g = k / per_group, lo = (k % per_group) * rows, hi = std::min(m, lo + rows);
-    const float* xg = x + g * m * c;
-    const float* sh = &shift[g * cpad];
-    double* s1 = &partial[k * 2 * c];
-    double* s2 = s1 + c;
-    std::vector<float> b1(cpad), b2(cpad);
-    for (int64_t r0 = lo; r0 < hi; r0 += kRowBlock) {
-      std::fill(b1.begin(), b1.end(), 0.0f);
-      std::fill(b2.begin(), b2.end(), 0.0f);
-      for (int64_t r = r0, r1 = std::min(hi, r0 + kRowBlock); r < r1; ++r) {
-        const float* row = xg + r * c;
-        for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-          const int64_t n = std::min(kLanes, c - c0);
-          const V16 d = LoadBlock(row + c0, n) - Load(sh + c0);
-          Store(&b1[c0], Load(&b1[c0]) + d);
-          Store(&b2[c0], Load(&b2[c0]) + d * d);
-        }
-      }
-      for (int64_t i = 0; i < c; ++i) {
-        s1[i] += b1[i];
-        s2[i] += b2[i];
+  std::vector<float> acc(Terms * cpad);
+  for (int64_t r0 = lo; r0 < hi; r0 += kRowBlock) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t r = r0, r1 = std::min(hi, r0 + kRowBlock); r < r1; ++r) {
+      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+        V16 v[Terms];
+        f(r, c0, std::min(kLanes, c - c0), v);
+        for (int t = 0; t < Terms; ++t) Store(&acc[t * cpad + c0], Load(&acc[t * cpad + c0]) + v[t]);
       }
     }
+    for (int t = 0; t < Terms; ++t)
+      for (int64_t i = 0; i < c; ++i) out[t * c + i] += acc[t * cpad + i];
+  }
+}
+
+// The coefficient rows of block b, zero-padded to whole lane blocks.
+struct Coefficients {
+  int64_t c, cpad;
+  std::vector<float> data;
+  Coefficients(const float* src, int64_t blocks, int64_t c)
+      : c(c), cpad((c + kLanes - 1) / kLanes * kLanes), data(blocks * cpad, 0.0f) {
+    for (int64_t b = 0; b < blocks; ++b) std::memcpy(&data[b * cpad], src + b * c, sizeof(float) * c);
+  }
+  const float* operator[](int64_t b) const { return &data[b * cpad]; }
+};
+
+ffi::Error BnStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
+                   ffi::ResultBuffer<ffi::F32> mean_b, ffi::ResultBuffer<ffi::F32> var_b,
+                   int64_t group_blocks) {
+  auto xd = xb.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("batch norm stats: x must be [B, R, C]");
+  const Chunks ch(xd[0], xd[1], xd[2]);
+  const int64_t c = ch.c, groups = ch.blocks / group_blocks, m = group_blocks * ch.rows;
+  const float* x = xb.typed_data();
+  std::vector<float> shift_rows(groups * c);
+  for (int64_t g = 0; g < groups; ++g)
+    std::memcpy(&shift_rows[g * c], x + g * m * c, sizeof(float) * c);
+  const Coefficients shift(shift_rows.data(), groups, c);
+  std::vector<double> partial(ch.count() * 2 * c, 0.0);
+  ParallelFor(pool, ch.count(), [&](int64_t k) {
+    ch.Run(k, [&](int64_t b, int64_t lo, int64_t hi) {
+      const float* xb_ = x + b * ch.rows * c;
+      const float* sh = shift[b / group_blocks];
+      SumRows<2>(lo, hi, c, &partial[k * 2 * c], [&](int64_t r, int64_t c0, int64_t n, V16* v) {
+        const V16 d = LoadBlock(xb_ + r * c + c0, n) - Load(sh + c0);
+        v[0] = d;
+        v[1] = d * d;
+      });
+    });
   });
-  std::vector<float> a(groups * cpad), b(groups * cpad);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i = 0; i < c; ++i) {
       double t1 = 0, t2 = 0;
-      for (int64_t k = g * per_group; k < (g + 1) * per_group; ++k) {
+      for (int64_t k = g * group_blocks * ch.per_block; k < (g + 1) * group_blocks * ch.per_block; ++k) {
         t1 += partial[k * 2 * c + i];
         t2 += partial[k * 2 * c + c + i];
       }
       const double d = t1 / m;
-      const float mean = static_cast<float>(shift[g * cpad + i] + d);
-      const float var = static_cast<float>(std::max(0.0, t2 / m - d * d));
-      mean_b->typed_data()[g * c + i] = mean;
-      var_b->typed_data()[g * c + i] = var;
-      a[g * cpad + i] = scale[i] / std::sqrt(var + epsilon);
-      b[g * cpad + i] = bias[i] - mean * a[g * cpad + i];
+      mean_b->typed_data()[g * c + i] = static_cast<float>(shift_rows[g * c + i] + d);
+      var_b->typed_data()[g * c + i] = static_cast<float>(std::max(0.0, t2 / m - d * d));
     }
   }
-  ParallelFor(pool, groups * per_group, [&](int64_t k) {
-    const int64_t g = k / per_group, lo = (k % per_group) * rows, hi = std::min(m, lo + rows);
-    const float* ag = &a[g * cpad];
-    const float* bg = &b[g * cpad];
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* row = x + (g * m + r) * c;
-      float* out = y + (g * m + r) * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        const int64_t n = std::min(kLanes, c - c0);
-        StoreBlock(out + c0, Act(LoadBlock(row + c0, n) * Load(ag + c0) + Load(bg + c0), act), n);
+  return ffi::Error::Success();
+}
+
+ffi::Error AffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> ab,
+                     ffi::Buffer<ffi::F32> bb, ffi::Buffer<ffi::F32> gate_b,
+                     ffi::ResultBuffer<ffi::F32> yb, int64_t act, int64_t gated) {
+  auto xd = xb.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("affine act: x must be [B, R, C]");
+  const Chunks ch(xd[0], xd[1], xd[2]);
+  const int64_t c = ch.c;
+  const Coefficients a(ab.typed_data(), ch.blocks, c), b(bb.typed_data(), ch.blocks, c);
+  const Coefficients gate(gate_b.typed_data(), gated ? ch.blocks : 1, c);
+  const float* x = xb.typed_data();
+  float* y = yb->typed_data();
+  ParallelFor(pool, ch.count(), [&](int64_t k) {
+    ch.Run(k, [&](int64_t blk, int64_t lo, int64_t hi) {
+      const float *ak = a[blk], *bk = b[blk], *gk = gate[gated ? blk : 0];
+      for (int64_t r = lo; r < hi; ++r) {
+        const float* row = x + (blk * ch.rows + r) * c;
+        float* out = y + (blk * ch.rows + r) * c;
+        for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+          const int64_t n = std::min(kLanes, c - c0);
+          V16 v = Act(LoadBlock(row + c0, n) * Load(ak + c0) + Load(bk + c0), act);
+          if (gated) v *= Load(gk + c0);
+          StoreBlock(out + c0, v, n);
+        }
       }
-    }
+    });
   });
   return ffi::Error::Success();
 }
 
-ffi::Error BnActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb,
-                         ffi::Buffer<ffi::F32> scale_b, ffi::Buffer<ffi::F32> bias_b,
-                         ffi::Buffer<ffi::F32> mean_b, ffi::Buffer<ffi::F32> var_b,
-                         ffi::Buffer<ffi::F32> gyb, ffi::ResultBuffer<ffi::F32> dxb,
-                         ffi::ResultBuffer<ffi::F32> dscale_b, ffi::ResultBuffer<ffi::F32> dbias_b,
-                         int64_t act, float epsilon) {
+ffi::Error AffineActPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> ab,
+                         ffi::Buffer<ffi::F32> bb, ffi::ResultBuffer<ffi::F32> sum_b,
+                         int64_t act) {
   auto xd = xb.dimensions();
-  if (xd.size() != 3) return ffi::Error::InvalidArgument("batch norm backward: x must be [G, M, C]");
-  const int64_t groups = xd[0], m = xd[1], c = xd[2];
-  const int64_t cpad = (c + kLanes - 1) / kLanes * kLanes;
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("affine act pool: x must be [B, R, C]");
+  const Chunks ch(xd[0], xd[1], xd[2]);
+  const int64_t c = ch.c;
+  const Coefficients a(ab.typed_data(), ch.blocks, c), b(bb.typed_data(), ch.blocks, c);
+  const float* x = xb.typed_data();
+  std::vector<double> partial(ch.count() * c, 0.0);
+  ParallelFor(pool, ch.count(), [&](int64_t k) {
+    ch.Run(k, [&](int64_t blk, int64_t lo, int64_t hi) {
+      const float *ak = a[blk], *bk = b[blk], *xk = x + blk * ch.rows * c;
+      SumRows<1>(lo, hi, c, &partial[k * c], [&](int64_t r, int64_t c0, int64_t n, V16* v) {
+        const V16 z = LoadBlock(xk + r * c + c0, n) * Load(ak + c0) + Load(bk + c0);
+        v[0] = Act(z, act);
+      });
+    });
+  });
+  for (int64_t blk = 0; blk < ch.blocks; ++blk)
+    for (int64_t i = 0; i < c; ++i) {
+      double t = 0;
+      for (int64_t k = blk * ch.per_block; k < (blk + 1) * ch.per_block; ++k) t += partial[k * c + i];
+      sum_b->typed_data()[blk * c + i] = static_cast<float>(t);
+    }
+  return ffi::Error::Success();
+}
+
+ffi::Error ActGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> gyb,
+                       ffi::Buffer<ffi::F32> ab, ffi::Buffer<ffi::F32> bb,
+                       ffi::Buffer<ffi::F32> mean_b, ffi::Buffer<ffi::F32> inv_b,
+                       ffi::ResultBuffer<ffi::F32> sums_b, int64_t act, int64_t se) {
+  auto xd = xb.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("act grad sums: x must be [B, R, C]");
+  const Chunks ch(xd[0], xd[1], xd[2]);
+  const int64_t c = ch.c, terms = se ? 5 : 2;
+  const Coefficients a(ab.typed_data(), ch.blocks, c), b(bb.typed_data(), ch.blocks, c);
+  const Coefficients mean(mean_b.typed_data(), ch.blocks, c), inv(inv_b.typed_data(), ch.blocks, c);
+  const float* x = xb.typed_data();
+  const float* gy = gyb.typed_data();
+  std::vector<double> partial(ch.count() * terms * c, 0.0);
+  ParallelFor(pool, ch.count(), [&](int64_t k) {
+    ch.Run(k, [&](int64_t blk, int64_t lo, int64_t hi) {
+      const float *ak = a[blk], *bk = b[blk], *mk = mean[blk], *ik = inv[blk];
+      const float* xk = x + blk * ch.rows * c;
+      const float* gk = gy + blk * ch.rows * c;
+      double* out = &partial[k * terms * c];
+      if (!se) {
+        SumRows<2>(lo, hi, c, out, [&](int64_t r, int64_t c0, int64_t n, V16* v) {
+          const V16 xv = LoadBlock(xk + r * c + c0, n);
+          const V16 gz = LoadBlock(gk + r * c + c0, n) * ActGrad(xv * Load(ak + c0) + Load(bk + c0), act);
+          v[0] = gz;
+          v[1] = gz * ((xv - Load(mk + c0)) * Load(ik + c0));
+        });
+      } else {
+        SumRows<5>(lo, hi, c, out, [&](int64_t r, int64_t c0, int64_t n, V16* v) {
+          const V16 xv = LoadBlock(xk + r * c + c0, n);
+          const V16 gv = LoadBlock(gk + r * c + c0, n);
+          const V16 z = xv * Load(ak + c0) + Load(bk + c0);
+          const V16 d = ActGrad(z, act);
+          const V16 xhat = (xv - Load(mk + c0)) * Load(ik + c0);
+          v[0] = gv * Act(z, act);  // the gate's gradient
+          v[1] = gv * d;
+          v[2] = d;
+          v[3] = gv * d * xhat;
+          v[4] = d * xhat;
+        });
+      }
+    });
+  });
+  for (int64_t blk = 0; blk < ch.blocks; ++blk)
+    for (int64_t t = 0; t < terms; ++t)
+      for (int64_t i = 0; i < c; ++i) {
+        double s = 0;
+        for (int64_t k = blk * ch.per_block; k < (blk + 1) * ch.per_block; ++k)
+          s += partial[(k * terms + t) * c + i];
+        sums_b->typed_data()[(blk * terms + t) * c + i] = static_cast<float>(s);
+      }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnActDx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> gyb,
+                   ffi::Buffer<ffi::F32> ab, ffi::Buffer<ffi::F32> bb,
+                   ffi::Buffer<ffi::F32> mean_b, ffi::Buffer<ffi::F32> inv_b,
+                   ffi::Buffer<ffi::F32> k1b, ffi::Buffer<ffi::F32> k2b,
+                   ffi::Buffer<ffi::F32> gate_b, ffi::Buffer<ffi::F32> u_b,
+                   ffi::ResultBuffer<ffi::F32> dxb, int64_t act, int64_t se) {
+  auto xd = xb.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("batch norm dx: x must be [B, R, C]");
+  const Chunks ch(xd[0], xd[1], xd[2]);
+  const int64_t c = ch.c, nb = ch.blocks, sb = se ? nb : 1;
+  const Coefficients a(ab.typed_data(), nb, c), b(bb.typed_data(), nb, c);
+  const Coefficients mean(mean_b.typed_data(), nb, c), inv(inv_b.typed_data(), nb, c);
+  const Coefficients k1(k1b.typed_data(), nb, c), k2(k2b.typed_data(), nb, c);
+  const Coefficients gate(gate_b.typed_data(), sb, c), u(u_b.typed_data(), sb, c);
   const float* x = xb.typed_data();
   const float* gy = gyb.typed_data();
   float* dx = dxb->typed_data();
-  const int64_t rows = ChunkRows(c), per_group = (m + rows - 1) / rows;
-  // Per group and channel: mean, inv = rsqrt(var + eps), a = inv*scale, b = bias - mean*a
-  // (z = x*a + b, as the forward pass), then the two mean terms of dx.
-  std::vector<float> mean(groups * cpad), inv(groups * cpad), a(groups * cpad), b(groups * cpad),
-      k1(groups * cpad), k2(groups * cpad);
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i = 0; i < c; ++i) {
-      const int64_t j = g * cpad + i;
-      mean[j] = mean_b.typed_data()[g * c + i];
-      inv[j] = 1.0f / std::sqrt(var_b.typed_data()[g * c + i] + epsilon);
-      a[j] = scale_b.typed_data()[i] / std::sqrt(var_b.typed_data()[g * c + i] + epsilon);
-      b[j] = bias_b.typed_data()[i] - mean[j] * a[j];
-    }
-  }
-  std::vector<double> partial(groups * per_group * 2 * c);
-  ParallelFor(pool, groups * per_group, [&](int64_t k) {
-    const int64_t g = k / per_group, lo = (k % per_group) * rows, hi = std::min(m, lo + rows);
-    const float *mg = &mean[g * cpad], *ig = &inv[g * cpad], *ag = &a[g * cpad], *bg = &b[g * cpad];
-    double* s1 = &partial[k * 2 * c];
-    double* s2 = s1 + c;
-    std::vector<float> b1(cpad), b2(cpad);
-    for (int64_t r0 = lo; r0 < hi; r0 += kRowBlock) {
-      std::fill(b1.begin(), b1.end(), 0.0f);
-      std::fill(b2.begin(), b2.end(), 0.0f);
-      for (int64_t r = r0, r1 = std::min(hi, r0 + kRowBlock); r < r1; ++r) {
-        const float* xr = x + (g * m + r) * c;
-        const float* gr = gy + (g * m + r) * c;
+  ParallelFor(pool, ch.count(), [&](int64_t k) {
+    ch.Run(k, [&](int64_t blk, int64_t lo, int64_t hi) {
+      const float *ak = a[blk], *bk = b[blk], *mk = mean[blk], *ik = inv[blk];
+      const float *k1k = k1[blk], *k2k = k2[blk], *gk = gate[se ? blk : 0], *uk = u[se ? blk : 0];
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t off = (blk * ch.rows + r) * c;
         for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
           const int64_t n = std::min(kLanes, c - c0);
-          const V16 xv = LoadBlock(xr + c0, n);
-          const V16 gz = LoadBlock(gr + c0, n) * ActGrad(xv * Load(ag + c0) + Load(bg + c0), act);
-          Store(&b1[c0], Load(&b1[c0]) + gz);
-          Store(&b2[c0], Load(&b2[c0]) + gz * ((xv - Load(mg + c0)) * Load(ig + c0)));
+          const V16 xv = LoadBlock(x + off + c0, n);
+          V16 g = LoadBlock(gy + off + c0, n);
+          if (se) g = g * Load(gk + c0) + Load(uk + c0);
+          const V16 gz = g * ActGrad(xv * Load(ak + c0) + Load(bk + c0), act);
+          const V16 xhat = (xv - Load(mk + c0)) * Load(ik + c0);
+          StoreBlock(dx + off + c0, (gz - Load(k1k + c0) - xhat * Load(k2k + c0)) * Load(ak + c0), n);
         }
       }
-      for (int64_t i = 0; i < c; ++i) {
-        s1[i] += b1[i];
-        s2[i] += b2[i];
-      }
-    }
-  });
-  std::vector<double> total(2 * c, 0.0);
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i = 0; i < c; ++i) {
-      double t1 = 0, t2 = 0;
-      for (int64_t k = g * per_group; k < (g + 1) * per_group; ++k) {
-        t1 += partial[k * 2 * c + i];
-        t2 += partial[k * 2 * c + c + i];
-      }
-      total[i] += t1;
-      total[c + i] += t2;
-      k1[g * cpad + i] = static_cast<float>(t1 / m);
-      k2[g * cpad + i] = static_cast<float>(t2 / m);
-    }
-  }
-  for (int64_t i = 0; i < c; ++i) {
-    dbias_b->typed_data()[i] = static_cast<float>(total[i]);
-    dscale_b->typed_data()[i] = static_cast<float>(total[c + i]);
-  }
-  ParallelFor(pool, groups * per_group, [&](int64_t k) {
-    const int64_t g = k / per_group, lo = (k % per_group) * rows, hi = std::min(m, lo + rows);
-    const float *mg = &mean[g * cpad], *ig = &inv[g * cpad], *ag = &a[g * cpad], *bg = &b[g * cpad];
-    const float *k1g = &k1[g * cpad], *k2g = &k2[g * cpad];
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = x + (g * m + r) * c;
-      const float* gr = gy + (g * m + r) * c;
-      float* out = dx + (g * m + r) * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        const int64_t n = std::min(kLanes, c - c0);
-        const V16 xv = LoadBlock(xr + c0, n);
-        const V16 gz = LoadBlock(gr + c0, n) * ActGrad(xv * Load(ag + c0) + Load(bg + c0), act);
-        const V16 xhat = (xv - Load(mg + c0)) * Load(ig + c0);
-        StoreBlock(out + c0, (gz - Load(k1g + c0) - xhat * Load(k2g + c0)) * Load(ag + c0), n);
-      }
-    }
+    });
   });
   return ffi::Error::Success();
 }
@@ -652,29 +721,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetDepthwiseBackward, Backward,
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetBnActForward, BnActForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("act")
-                                  .Attr<float>("epsilon"));
+#define F32_ARG .Arg<ffi::Buffer<ffi::F32>>()
+#define F32_RET .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetBnActBackward, BnActBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetBnStats, BnStats,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() F32_ARG F32_RET F32_RET
+                                  .Attr<int64_t>("group_blocks"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetAffineAct, AffineAct,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() F32_ARG F32_ARG F32_ARG
+                                  F32_ARG F32_RET.Attr<int64_t>("act")
+                                  .Attr<int64_t>("gated"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetAffineActPool, AffineActPool,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() F32_ARG F32_ARG F32_ARG
+                                  F32_RET.Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetActGradSums, ActGradSums,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() F32_ARG F32_ARG F32_ARG
+                                  F32_ARG F32_ARG F32_ARG F32_RET.Attr<int64_t>("act")
+                                  .Attr<int64_t>("se"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EfficientNetBnActDx, BnActDx,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() F32_ARG F32_ARG F32_ARG
+                                  F32_ARG F32_ARG F32_ARG F32_ARG F32_ARG F32_ARG F32_ARG F32_RET
                                   .Attr<int64_t>("act")
-                                  .Attr<float>("epsilon"));
+                                  .Attr<int64_t>("se"));
