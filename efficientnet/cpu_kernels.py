@@ -144,32 +144,25 @@ def depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple) -> jax.
     return _forward(x, kernel, stride, pads)[0]
 
 
-def _forward(x, kernel, stride, pads):
-    k = kernel.shape[0]
-    out_h = (x.shape[1] + sum(pads[0]) - k) // stride + 1
-    out_w = (x.shape[2] + sum(pads[1]) - k) // stride + 1
-    w = kernel[:, :, 0, :]
-    y = jax.ffi.ffi_call(
-        _PREFIX + 'depthwise_forward',
-        jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype),
-        vmap_method='sequential',
-    )(x, w, **_geometry(stride, pads))
-    return y, (x, w)
+def _out_size(size, k, stride, pad):
+    return (size + sum(pad) - k) // stride + 1
 
 
 def _geometry(stride, pads):
-    return dict(
-        stride=np.int64(stride), pad_top=np.int64(pads[0][0]), pad_left=np.int64(pads[1][0])
-    )
+    return dict(stride=stride, pad_top=pads[0][0], pad_left=pads[1][0])
+
+
+def _forward(x, kernel, stride, pads):
+    n, h, w, c = x.shape
+    k = kernel.shape[0]
+    out = (n, _out_size(h, k, stride, pads[0]), _out_size(w, k, stride, pads[1]), c)
+    y = _call('depthwise_forward', [out], x, kernel[:, :, 0, :], **_geometry(stride, pads))
+    return y, (x, kernel[:, :, 0, :])
 
 
 def _backward(stride, pads, res, g):
     x, w = res
-    dx, dw = jax.ffi.ffi_call(
-        _PREFIX + 'depthwise_backward',
-        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, x.dtype)),
-        vmap_method='sequential',
-    )(x, w, g, **_geometry(stride, pads))
+    dx, dw = _call('depthwise_backward', [x.shape, w.shape], x, w, g, **_geometry(stride, pads))
     return dx, dw[:, :, None, :]
 
 

@@ -289,6 +289,85 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+void WeightGradAny(const float* x, const float* g, float* dw, const Geometry& q) {
+  if (q.k == 3) {
+    WeightGradBlocked<3>(x, g, dw, q);
+  } else if (q.k == 5) {
+    WeightGradBlocked<5>(x, g, dw, q);
+  } else {
+    WeightGradGeneric(x, g, dw, q);
+  }
+}
+
+// One example's input gradient dx (h x w) from the output gradient g (ho x wo).
+class InputGrad {
+ public:
+  InputGrad(const Geometry& q, const float* wt)
+      : q_(q), wt_(wt), back_{q.ho, q.wo, q.h, q.w, q.k, 1, q.k - 1 - q.pt, q.k - 1 - q.pl, q.c} {
+    const int64_t k = q.k;
+    flipped_.resize(k * k * q.c);
+    for (int64_t t = 0; t < k * k; ++t)
+      std::memcpy(&flipped_[t * q.c], wt + (k * k - 1 - t) * q.c, sizeof(float) * q.c);
+    rows_ = TapTable(q.h, q.pt, q.ho);
+    cols_ = TapTable(q.w, q.pl, q.wo);
+  }
+
+  void Run(const float* g, float* dx) const {
+    const int64_t k = q_.k, c = q_.c;
+    if (q_.stride == 1) {
+      // The input gradient of a stride-1 convolution is the convolution of g with the
+      // flipped kernel, padded by k - 1 - pad.
+      DwConvAny(g, flipped_.data(), dx, back_);
+      return;
+    }
+    // Strided: gathered, each dx row written once from the taps that reach it.
+    std::vector<const float*> a(k * k), b(k * k);
+    for (int64_t y0 = 0; y0 < q_.h; ++y0) {
+      for (int64_t x0 = 0; x0 < q_.w; ++x0) {
+        int64_t taps = 0;
+        for (const auto& [i, t] : rows_[y0]) {
+          for (const auto& [j, u] : cols_[x0]) {
+            a[taps] = g + (t * q_.wo + u) * c;
+            b[taps] = wt_ + (i * k + j) * c;
+            ++taps;
+          }
+        }
+        TapSum(dx + (y0 * q_.w + x0) * c, a.data(), b.data(), taps, c);
+      }
+    }
+  }
+
+ private:
+  // For each input row (column): the kernel rows i (columns j) and output rows t (columns u)
+  // with t*stride + i = row + pad, inside the output.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> TapTable(int64_t size, int64_t pad,
+                                                                 int64_t out) const {
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> table(size);
+    for (int64_t p = 0; p < size; ++p)
+      for (int64_t i = 0; i < q_.k; ++i) {
+        const int64_t t = p + pad - i;
+        if (t >= 0 && t % q_.stride == 0 && t / q_.stride < out) table[p].emplace_back(i, t / q_.stride);
+      }
+    return table;
+  }
+
+  Geometry q_;
+  const float* wt_;
+  Geometry back_;
+  std::vector<float> flipped_;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rows_, cols_;
+};
+
+// out = sum over the n examples' arrays of `size` floats, added in example order.
+void SumExamples(const float* per_example, int64_t n, int64_t size, float* out) {
+  std::memcpy(out, per_example, sizeof(float) * size);
+  for (int64_t e = 1; e < n; ++e) {
+    const float* src = per_example + e * size;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < size; ++i) out[i] += src[i];
+  }
+}
+
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<ffi::F32> w,
                     ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad_top,
@@ -301,67 +380,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xb, ffi::Buffer<
   }
   const Geometry q{xd[1], xd[2], gd[1], gd[2], wd[0], stride, pad_top, pad_left, xd[3]};
   const int64_t n_ = xd[0], k = q.k, c = q.c;
-  const float* x = xb.typed_data();
-  const float* wt = w.typed_data();
-  const float* gr = g.typed_data();
-  float* dxo = dx->typed_data();
   std::vector<float> dw_per_example(n_ * k * k * c);
-  // For each input row (column): the kernel rows i (columns j) and output rows t (columns u)
-  // with t*stride + i = row + pt, inside the output.
-  auto tap_table = [&](int64_t size, int64_t pad, int64_t out) {
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> table(size);
-    for (int64_t p = 0; p < size; ++p)
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t t = p + pad - i;
-        if (t >= 0 && t % stride == 0 && t / stride < out) table[p].emplace_back(i, t / stride);
-      }
-    return table;
-  };
-  const auto rows = tap_table(q.h, q.pt, q.ho), cols = tap_table(q.w, q.pl, q.wo);
-  std::vector<float> flipped(k * k * c);
-  for (int64_t t = 0; t < k * k; ++t)
-    std::memcpy(&flipped[t * c], wt + (k * k - 1 - t) * c, sizeof(float) * c);
-  const Geometry back{q.ho, q.wo, q.h, q.w, k, 1, k - 1 - q.pt, k - 1 - q.pl, c};
+  const InputGrad input_grad(q, w.typed_data());
   ParallelFor(pool, n_, [&](int64_t n) {
-    const float* xn = x + n * q.h * q.w * c;
-    const float* gn = gr + n * q.ho * q.wo * c;
-    float* dwn = dw_per_example.data() + n * k * k * c;
-    if (k == 3) {
-      WeightGradBlocked<3>(xn, gn, dwn, q);
-    } else if (k == 5) {
-      WeightGradBlocked<5>(xn, gn, dwn, q);
-    } else {
-      WeightGradGeneric(xn, gn, dwn, q);
-    }
-    if (stride == 1) {
-      // The input gradient of a stride-1 convolution is the convolution of g with the
-      // flipped kernel, padded by k - 1 - pad.
-      DwConvAny(gn, flipped.data(), dxo + n * q.h * q.w * c, back);
-      return;
-    }
-    // Strided: gathered, each dx row written once from the taps that reach it.
-    std::vector<const float*> a(k * k), b(k * k);
-    for (int64_t y0 = 0; y0 < q.h; ++y0) {
-      for (int64_t x0 = 0; x0 < q.w; ++x0) {
-        int64_t taps = 0;
-        for (const auto& [i, t] : rows[y0]) {
-          for (const auto& [j, u] : cols[x0]) {
-            a[taps] = gn + (t * q.wo + u) * c;
-            b[taps] = wt + (i * k + j) * c;
-            ++taps;
-          }
-        }
-        TapSum(dxo + ((n * q.h + y0) * q.w + x0) * c, a.data(), b.data(), taps, c);
-      }
-    }
+    const float* gn = g.typed_data() + n * q.ho * q.wo * c;
+    WeightGradAny(xb.typed_data() + n * q.h * q.w * c, gn, dw_per_example.data() + n * k * k * c, q);
+    input_grad.Run(gn, dx->typed_data() + n * q.h * q.w * c);
   });
-  float* dwo = dw->typed_data();
-  std::memcpy(dwo, dw_per_example.data(), sizeof(float) * k * k * c);
-  for (int64_t n = 1; n < n_; ++n) {
-    const float* src = dw_per_example.data() + n * k * k * c;
-#pragma GCC ivdep
-    for (int64_t i = 0; i < k * k * c; ++i) dwo[i] += src[i];
-  }
+  SumExamples(dw_per_example.data(), n_, k * k * c, dw->typed_data());
   return ffi::Error::Success();
 }
 
