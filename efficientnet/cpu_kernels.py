@@ -1,11 +1,13 @@
-"""Kernels for XLA's CPU backend (XLA FFI custom calls, C++): the depthwise convolution and
-training-mode BatchNorm fused with its activation.
+"""Kernels for XLA's CPU backend (XLA FFI custom calls, C++): the depthwise convolution, and
+training-mode BatchNorm fused with its activation (and with the squeeze-excite after it).
 
 XLA:CPU runs a grouped convolution, and the reductions of the depthwise weight gradient, far
 below what the hardware allows; ``csrc/cpu_kernels.cc`` does the same arithmetic in one
-vectorised pass per direction. Training-mode BatchNorm and the activation after it were about
-ten memory passes over each activation in XLA:CPU's program (reductions, normalisation,
-activation and their gradients); the fused kernels make three forward and two backward.
+vectorised pass per direction. Training-mode BatchNorm, the activation after it and
+squeeze-excite were about a dozen memory passes over each activation in XLA:CPU's program
+(reductions, normalisation, activation, pooling, gating and their gradients); the kernels read
+the activations twice each way (three times forward with squeeze-excite). They run on XLA's
+own thread pool.
 
 The shared library is built with the system C++ compiler against the XLA FFI headers that ship
 with jaxlib:

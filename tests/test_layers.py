@@ -1,6 +1,7 @@
 """efficientnet/layers.py against independent implementations: the depthwise convolutions
 (XLA, unrolled, the C++ CPU kernels) against each other and TensorFlow's and PyTorch's padding,
-the pointwise and stem convolutions against autodiff and XLA, BatchNorm against Keras and
+the pointwise and stem convolutions against autodiff and XLA, BatchNorm (with its activation,
+and with the squeeze-excite after it: the fused CPU kernels and the XLA form) against Keras and
 TensorFlow."""
 
 import os
@@ -8,12 +9,14 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet import layers
+from efficientnet import cpu_kernels, layers
+from efficientnet.model import SqueezeExcite
 
 
 @pytest.mark.parametrize('impl', ['unrolled', 'cpu_kernel'])
@@ -266,3 +269,131 @@ def test_batchnorm_groups():
         layers.BatchNorm(use_running_average=False, group_size=3).apply(
             v, x, mutable=['batch_stats']
         )
+
+
+@pytest.fixture(params=['cpu_kernels', 'xla'])
+def bn_form(request, monkeypatch):
+    """Each BatchNorm test below runs twice: with the fused C++ kernels (the CPU default in
+    float32) and with them turned off (the XLA form every other backend runs)."""
+    if request.param == 'xla':
+        monkeypatch.setattr(cpu_kernels, 'usable', lambda dtype: False)
+    else:
+        assert cpu_kernels.usable(jnp.float32)
+    return request.param
+
+
+def _tf_batch_norm(tf, x, gamma, beta, groups):
+    """Training-mode BatchNorm in TensorFlow ops, each group of examples on its own statistics;
+    returns the output and the per-group means and variances."""
+    outs, means, variances = [], [], []
+    for part in tf.split(x, groups):
+        mean, var = tf.nn.moments(part, axes=[0, 1, 2])
+        outs.append(tf.nn.batch_normalization(part, mean, var, beta, gamma, 1e-3))
+        means.append(mean)
+        variances.append(var)
+    return tf.concat(outs, 0), tf.reduce_mean(means, 0), tf.reduce_mean(variances, 0)
+
+
+@pytest.mark.parametrize('activation', [None, 'swish', 'relu', 'relu6'])
+@pytest.mark.parametrize('group_size', [None, 3])
+def test_batchnorm_activation_matches_tensorflow(bn_form, activation, group_size):
+    """BatchNorm(activation=...) in training: output, moving statistics and the gradients of x,
+    scale and bias against TensorFlow's ops and autodiff. 40 channels: the kernels' whole
+    16-lane blocks and a tail."""
+    tf = pytest.importorskip('tensorflow')
+    rng = np.random.default_rng(7)
+    x = rng.normal(1.5, 2.0, size=(6, 5, 4, 40)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    gamma, beta = rng.normal(size=40).astype(np.float32), rng.normal(size=40).astype(np.float32)
+    groups = 6 // (group_size or 6)
+    tf_act = {None: tf.identity, 'swish': tf.nn.swish, 'relu': tf.nn.relu, 'relu6': tf.nn.relu6}
+    xt, gt, bt = tf.constant(x), tf.constant(gamma), tf.constant(beta)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, gt, bt])
+        y_ref, mean_ref, var_ref = _tf_batch_norm(tf, xt, gt, bt, groups)
+        y_ref = tf_act[activation](y_ref)
+        loss = tf.reduce_sum(tf.sin(y_ref) * w)
+    grads_ref = tape.gradient(loss, [xt, gt, bt])
+
+    bn = layers.BatchNorm(use_running_average=False, group_size=group_size, activation=activation)
+    stats = {'mean': jnp.zeros(40), 'var': jnp.ones(40)}
+
+    def ours(x, scale, bias):
+        v = {'params': {'scale': scale, 'bias': bias}, 'batch_stats': stats}
+        y, upd = bn.apply(v, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * w), (y, upd['batch_stats'])
+
+    (_, (y, upd)), grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True))(
+        x, gamma, beta
+    )
+    np.testing.assert_allclose(y, y_ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(upd['mean'], 0.01 * mean_ref.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(upd['var'], 0.99 + 0.01 * var_ref.numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: ours(*a)[0]))(x, gamma, beta))
+    assert ('efficientnet_cpu_act_grad_sums' in jaxpr) == (bn_form == 'cpu_kernels')
+
+
+@pytest.mark.parametrize('group_size', [None, 2])
+def test_batchnorm_swish_squeeze_excite_matches_tensorflow(bn_form, group_size):
+    """MBConv's depthwise BatchNorm, swish and squeeze-excite (``BatchNorm(...)(x,
+    squeeze_excite=...)``, one custom gradient on CPU) against the same computation in
+    TensorFlow: the output, the moving statistics and every gradient (x, BatchNorm's scale
+    and bias, both 1x1 convolutions' kernels and biases)."""
+    tf = pytest.importorskip('tensorflow')
+    rng = np.random.default_rng(11)
+    n, c, r = 4, 40, 10
+    x = rng.normal(0.5, 2.0, size=(n, 6, 5, c)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    p = {
+        'scale': rng.normal(size=c),
+        'bias': rng.normal(size=c),
+        'wr': rng.normal(size=(c, r)) * 0.3,
+        'br': rng.normal(size=r) * 0.1,
+        'we': rng.normal(size=(r, c)) * 0.3,
+        'be': rng.normal(size=c) * 0.1,
+    }
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    groups = n // (group_size or n)
+    tp = {k: tf.constant(v) for k, v in p.items()}
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, *tp.values()])
+        y, mean_ref, var_ref = _tf_batch_norm(tf, xt, tp['scale'], tp['bias'], groups)
+        y = tf.nn.swish(y)
+        s = tf.nn.swish(tf.reduce_mean(y, axis=[1, 2]) @ tp['wr'] + tp['br'])
+        y_ref = y * tf.sigmoid(s @ tp['we'] + tp['be'])[:, None, None, :]
+        loss = tf.reduce_sum(tf.sin(y_ref) * w)
+    grads_ref = tape.gradient(loss, [xt, *tp.values()])
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            se = SqueezeExcite(r, 'swish', name='se')
+            bn = layers.BatchNorm(
+                use_running_average=False, group_size=group_size, activation='swish', name='bn'
+            )
+            return bn(x, squeeze_excite=se)
+
+    stats = {'bn': {'mean': jnp.zeros(c), 'var': jnp.ones(c)}}
+
+    def ours(x, q):
+        params = {
+            'bn': {'scale': q['scale'], 'bias': q['bias']},
+            'se': {
+                'reduce': {'kernel': q['wr'][None, None], 'bias': q['br']},
+                'expand': {'kernel': q['we'][None, None], 'bias': q['be']},
+            },
+        }
+        y, upd = Block().apply({'params': params, 'batch_stats': stats}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y) * w), (y, upd['batch_stats']['bn'])
+
+    (_, (y, upd)), (gx, gp) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(x, p)
+    np.testing.assert_allclose(y, y_ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(upd['mean'], 0.01 * mean_ref.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(upd['var'], 0.99 + 0.01 * var_ref.numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip([gx, *(gp[k] for k in p)], grads_ref):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: ours(*a)[0]))(x, p))
+    assert ('efficientnet_cpu_act_grad_sums' in jaxpr) == (bn_form == 'cpu_kernels')
