@@ -111,3 +111,26 @@ def test_scan_conv_benchmark_compares_the_same_computation():
     for r in rows:
         assert min(r['unrolled_s'], r['scanned_s'], r['scanned_ours_s']) > 0
         assert r['backend'] == 'cpu' and r['max_rel_diff'] < 1e-5, r
+
+
+@pytest.mark.slow  # a tiny model's state initialisation and train step compile: ~40 s idle
+def test_profile_step_attributes_the_step_time_to_layers_and_phases():
+    """``scripts/profile_step.py`` joins XLA:CPU's trace events to the model's layer names:
+    the tiny model's step shows forward and backward rows of its blocks' layers (the C++
+    depthwise and BatchNorm kernels among them) and the per-parameter update."""
+    script = os.path.join(ROOT, 'scripts', 'profile_step.py')
+    args = ['--model', 'tiny', '--batch', '2', '--resolution', '32', '--steps', '1', '--top', '200']
+    env = dict(os.environ, EFFICIENTNET_TCMALLOC='0', XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    p = subprocess.run(
+        [sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    header, *lines = p.stdout.strip().splitlines()
+    assert header.startswith('model=tiny batch=2 resolution=32 step_s=')
+    rows = [line.split() for line in lines]
+    assert all(float(r[0]) >= 0 and int(r[1]) >= 1 for r in rows)
+    layers = {(r[2], r[3]) for r in rows}
+    for phase in ('forward', 'backward'):
+        assert (phase, 'blocks_N/dw_conv') in layers, sorted(layers)
+        assert (phase, 'blocks_N/expand_bn') in layers, sorted(layers)
+    assert any(r[2] == 'update' for r in rows), sorted(layers)
