@@ -146,6 +146,16 @@ def depthwise(x: jax.Array, kernel: jax.Array, stride: int, pads: tuple) -> jax.
     return _forward(x, kernel, stride, pads)[0]
 
 
+def _call(name, out_shapes, *args, **attrs):
+    """One of the kernels on float32 arrays; integer attributes."""
+    outs = jax.ffi.ffi_call(
+        _PREFIX + name,
+        [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
+        vmap_method='sequential',
+    )(*args, **{k: np.int64(v) for k, v in attrs.items()})
+    return outs[0] if len(outs) == 1 else outs
+
+
 def _out_size(size, k, stride, pad):
     return (size + sum(pad) - k) // stride + 1
 
@@ -169,16 +179,6 @@ def _backward(stride, pads, res, g):
 
 
 depthwise.defvjp(_forward, _backward)
-
-
-def _call(name, out_shapes, *args, **attrs):
-    """One of the kernels on float32 arrays; integer attributes."""
-    outs = jax.ffi.ffi_call(
-        _PREFIX + name,
-        [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
-        vmap_method='sequential',
-    )(*args, **{k: np.int64(v) for k, v in attrs.items()})
-    return outs[0] if len(outs) == 1 else outs
 
 
 def _bn_coefficients(x, scale, bias, epsilon, group_blocks):
@@ -212,7 +212,7 @@ def batch_norm_act(
 def _bn_forward(x, scale, bias, epsilon, activation):
     mean, var, (m, inv, a, b) = _bn_coefficients(x, scale, bias, epsilon, 1)
     act = ACTIVATIONS[activation]
-    y = _call('affine_act', [x.shape], x, a, b, a, act=act, gated=0)
+    y = _call('affine_act', [x.shape], x, a, b, a, act=act, gated=0)  # (no gate: a, unread)
     return (y, mean, var), (x, m, inv, a, b)
 
 
@@ -223,6 +223,7 @@ def _bn_backward(epsilon, activation, res, cts):
         'act_grad_sums', [(x.shape[0], 2, x.shape[2])], x, cts[0], a, b, mean, inv, act=act, se=0
     )
     k1, k2 = sums[:, 0] / x.shape[1], sums[:, 1] / x.shape[1]
+    # se=0: the gate and u arguments are not read (a stands in for them)
     dx = _call('bn_act_dx', [x.shape], x, cts[0], a, b, mean, inv, k1, k2, a, a, act=act, se=0)
     return dx, sums[:, 1].sum(0), sums[:, 0].sum(0)
 
