@@ -138,6 +138,22 @@ struct Geometry {
   }
 };
 
+// Adds output (oh, ow)'s share of the weight gradient in channels [lo, c): for each tap inside
+// the input, x there times g at (oh, ow).
+void AddWeightGradTaps(const float* x, const float* g, float* dw, const Geometry& q, int64_t oh,
+                       int64_t ow, int64_t lo) {
+  const float* gv = g + (oh * q.wo + ow) * q.c + lo;
+  for (int64_t i = 0; i < q.k; ++i) {
+    const int64_t ih = oh * q.stride + i - q.pt;
+    if (ih < 0 || ih >= q.h) continue;
+    for (int64_t j = 0; j < q.k; ++j) {
+      const int64_t iw = ow * q.stride + j - q.pl;
+      if (iw < 0 || iw >= q.w) continue;
+      Fma(dw + (i * q.k + j) * q.c + lo, x + (ih * q.w + iw) * q.c + lo, gv, q.c - lo);
+    }
+  }
+}
+
 // Weight gradient of one example for a k x k kernel known at compile time. The output rows go
 // in tiles whose input rows stay in cache; per tile and block of 16 channels, the k*k
 // accumulators stay in registers over the output positions whose window lies inside the
@@ -173,35 +189,16 @@ void WeightGradBlocked(const float* __restrict x, const float* __restrict g, flo
     for (int64_t ow = 0; ow < q.wo; ++ow) {
       const bool inner = q.Interior(oh, ow);
       if (inner && full == c) continue;
-      const int64_t lo = inner ? full : 0;  // interior positions only miss the leftover channels
-      const float* gv = g + (oh * q.wo + ow) * c;
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t ih = oh * q.stride + i - q.pt;
-        if (ih < 0 || ih >= q.h) continue;
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t iw = ow * q.stride + j - q.pl;
-          if (iw < 0 || iw >= q.w) continue;
-          Fma(dw + (i * K + j) * c + lo, x + (ih * q.w + iw) * c + lo, gv + lo, c - lo);
-        }
-      }
+      // interior positions only miss the leftover channels
+      AddWeightGradTaps(x, g, dw, q, oh, ow, inner ? full : 0);
     }
   }
 }
 
 void WeightGradGeneric(const float* x, const float* g, float* dw, const Geometry& q) {
-  const int64_t c = q.c;
-  std::memset(dw, 0, sizeof(float) * q.k * q.k * c);
+  std::memset(dw, 0, sizeof(float) * q.k * q.k * q.c);
   for (int64_t oh = 0; oh < q.ho; ++oh)
-    for (int64_t ow = 0; ow < q.wo; ++ow)
-      for (int64_t i = 0; i < q.k; ++i) {
-        const int64_t ih = oh * q.stride + i - q.pt;
-        if (ih < 0 || ih >= q.h) continue;
-        for (int64_t j = 0; j < q.k; ++j) {
-          const int64_t iw = ow * q.stride + j - q.pl;
-          if (iw < 0 || iw >= q.w) continue;
-          Fma(dw + (i * q.k + j) * c, x + (ih * q.w + iw) * c, g + (oh * q.wo + ow) * c, c);
-        }
-      }
+    for (int64_t ow = 0; ow < q.wo; ++ow) AddWeightGradTaps(x, g, dw, q, oh, ow, 0);
 }
 
 // One example's depthwise convolution out = conv(in, wk) with the geometry q (in: h x w,
